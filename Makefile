@@ -1,0 +1,40 @@
+# key-evt-amqp: `make run` starts the proxy (and a local Redis/RabbitMQ when none answers),
+# `make test` runs the whole test suite. Both set up the virtual environment first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Arguments for `make run`, e.g. make run ARGS="--keymask ALL --events A"
+ARGS ?= --keymask ALL
+# Where `make run` expects Redis and RabbitMQ (started locally when nothing answers there).
+REDIS_HOST ?= 127.0.0.1
+REDIS_PORT ?= 6379
+AMQP_HOST ?= 127.0.0.1
+AMQP_PORT ?= 5672
+PYTEST_ARGS ?=
+
+.PHONY: run test deps services clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+deps: $(VENV)/.installed
+
+services:
+	@REDIS_HOST=$(REDIS_HOST) REDIS_PORT=$(REDIS_PORT) AMQP_HOST=$(AMQP_HOST) AMQP_PORT=$(AMQP_PORT) \
+		scripts/ensure-services.sh
+
+run: deps services
+	$(PY) -m proxy serve --upstream redis://$(REDIS_HOST):$(REDIS_PORT)/0 \
+		--amqp amqp://guest:guest@$(AMQP_HOST):$(AMQP_PORT)/ $(ARGS)
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info .run
+
+-include Makefile.bench
