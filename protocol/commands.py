@@ -1,7 +1,9 @@
 """Which commands the proxy must look at, and how.
 
 Almost every command is relayed as bytes without a look. The relay only needs to notice:
-- our own ``key_evt_amqp.*`` commands, which never reach Redis;
+- our own ``key_evt_amqp.*`` commands, which never reach Redis (a ``key_evt_amqp.*`` name we do
+  not implement is relayed: Redis refuses it with the same "unknown command" text the module
+  gave);
 - commands after which Redis's replies can no longer be counted one per command (pub/sub, MONITOR,
   ``CLIENT REPLY``, ``CLIENT TRACKING``): the connection then becomes a plain byte pipe;
 - ``MULTI``/``EXEC``/``DISCARD``/``RESET`` (our commands are refused inside a transaction) and
@@ -24,6 +26,14 @@ class Effect(enum.Enum):
     RESET = "reset"
     HELLO = "hello"
     CLIENT = "client"  # CLIENT REPLY / TRACKING make the stream uncountable; others do not
+    QUIT = "quit"  # Redis answers, then closes: not a lost connection
+
+
+#: Our commands, by the verb after the prefix.
+ADMIN_VERBS = frozenset({
+    "config_set", "config_get", "connect", "disconnect", "fallback_storage_size_set",
+    "keymask_clean", "keymask_add", "keymask_set", "events_set", "info",
+})
 
 
 #: Lower-case command names the relay must notice; every other name costs one set lookup.
@@ -40,17 +50,16 @@ NOTICED: dict[bytes, Effect] = {
     b"reset": Effect.RESET,
     b"hello": Effect.HELLO,
     b"client": Effect.CLIENT,
+    b"quit": Effect.QUIT,
 }
+NOTICED.update({ADMIN_PREFIX + verb.encode(): Effect.ADMIN for verb in ADMIN_VERBS})
 
 _UNCOUNTABLE_CLIENT_SUBCOMMANDS = frozenset({b"reply", b"tracking"})
 
 
 def effect_of(args: list[bytes]) -> Effect | None:
     """What the relay must do about this command, or None to relay it blindly."""
-    name = args[0].lower()
-    if name[:_PREFIX_LEN] == ADMIN_PREFIX:
-        return Effect.ADMIN
-    effect = NOTICED.get(name)
+    effect = NOTICED.get(args[0].lower())
     if effect is Effect.CLIENT:
         if len(args) > 1 and bytes(args[1]).lower() in _UNCOUNTABLE_CLIENT_SUBCOMMANDS:
             return Effect.UNCOUNTABLE

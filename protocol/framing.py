@@ -37,11 +37,11 @@ class Plan:
 
 
 #: Digits of each small length: `len(str(n))` without a str on the hot path.
-_DIGITS = [len(str(n)) for n in range(10_000)]
+SMALL_DIGITS = [len(str(n)) for n in range(10_000)]
 
 
 def digits(n: int) -> int:
-    return _DIGITS[n] if n < 10_000 else len(str(n))
+    return SMALL_DIGITS[n] if n < 10_000 else len(str(n))
 
 
 def encoded_size(command: object) -> int:

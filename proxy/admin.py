@@ -1,21 +1,25 @@
 """The ``key_evt_amqp.*`` commands: where their replies go, who may run them, what they do.
 
 A command of ours is answered in its place in the client's reply stream. The relay holds the
-client's later input and hands the command to a :class:`Barrier`, which:
-1. refuses it at once (as an error in its place) inside ``MULTI``, where it could not be queued;
-2. otherwise asks Redis whether this connection may run ``CONFIG SET``: it sends
-   ``CONFIG SET key-evt-amqp-authority-probe 1`` on the client's own upstream connection. Redis
-   checks ACL permissions before the arguments, so a user without the right gets ``-NOPERM``, an
-   unauthenticated client ``-NOAUTH``, and an allowed one ``-ERR Unknown option`` (nothing is
-   changed). The probe's reply is the last frame Redis sends before ours, so it is cut off the
-   end of the stream and never reaches the client;
-3. runs the command and hands the reply back to the relay, which writes it and releases input.
+client's later input and hands the command to a :class:`Barrier`, which sends Redis, on the
+client's own connection, behind everything the client sent before:
+1. an authority probe, ``CONFIG SET key-evt-amqp-authority-probe 1``: Redis checks ACL rights
+   before arguments, so a user without the right to run ``CONFIG SET`` gets ``-NOPERM``, an
+   unauthenticated client ``-NOAUTH``, and an allowed one ``-ERR Unknown option`` (nothing
+   changes). Inside ``MULTI`` there is no probe: our commands are refused there;
+2. a marker: a command name made of a random token, which every Redis refuses at once with
+   ``-ERR unknown command '<token>'...`` whatever the client's state (even inside ``MULTI``,
+   where it also makes ``EXEC`` fail with ``EXECABORT``, as Redis does for any refused command).
+Since the client's later input is held, the marker's reply is the last frame Redis sends. When the
+reply stream ends with it, every earlier reply has passed: the barrier cuts the probe's and the
+marker's replies off, runs the command, and the relay writes our reply and releases the input.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -33,9 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("key_evt_amqp.admin")
 
 PROBE = b"*4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n$28\r\nkey-evt-amqp-authority-probe\r\n$1\r\n1\r\n"
-#: The probe's reply is one error line, far shorter than this: reply bytes kept back at the end
-#: of the stream while it is awaited, so it can be cut off whole.
-PROBE_REPLY_MAX = 1024
+#: The probe's reply is one error line, shorter than this.
+PROBE_REPLY_MAX = 512
 OK = replies.simple("OK")
 
 Reply = bytes | Awaitable[bytes]
@@ -49,68 +52,59 @@ class Barrier:
         self.client = client
         self.args = args
         self.error = error
+        token = "key-evt-amqp-marker-" + secrets.token_hex(16)
+        self.marker = b"*1\r\n$%d\r\n%s\r\n" % (len(token), token.encode())
+        self.marker_reply = (
+            b"-ERR unknown command '%s', with args beginning with: \r\n" % token.encode()
+        )
         self.probing = False
-        self.target = 0
+        self._tail = b""  # reply bytes kept back: the end of the stream may be our replies
         self._task: asyncio.Task[None] | None = None
-
-    def begin(self) -> None:
-        client = self.client
-        if self.args is not None and not self.error:
-            verb = admin_verb(self.args[0])
-            if verb not in HANDLERS:
-                self.error = unknown_command(self.args)
-            elif client.in_multi:
-                self.error = f"ERR {self.name} is not allowed inside MULTI (run it outside the transaction)"
-            else:
-                client.inject(PROBE)
-                self.probing = True
-        self.target = client.sent
-        if client.replied >= self.target:
-            self._ready(b"")
 
     @property
     def name(self) -> str:
-        assert self.args is not None
-        return self.args[0].decode("utf-8", "replace")
+        return self.args[0].decode("utf-8", "replace").lower() if self.args else ""
+
+    def begin(self) -> None:
+        client = self.client
+        if self.args is not None and client.in_multi:
+            self.error = f"ERR {self.name} is not allowed inside MULTI (the transaction is aborted)"
+        elif self.args is not None:
+            client.inject(PROBE)
+            self.probing = True
+        client.inject(self.marker)
 
     def on_replies(self, data: bytes) -> None:
-        """Reply bytes arrived (``client.replied`` already counts their frames)."""
-        client = self.client
-        transport = client.transport
+        """Reply bytes arrived: pass on all but what may be the start of our own replies."""
+        transport = self.client.transport
         assert transport is not None
-        if not self.probing:
-            transport.write(data)
-            if client.replied >= self.target:
-                self._ready(b"")
+        stream = self._tail + data
+        if not stream.endswith(self.marker_reply):
+            keep = len(self.marker_reply) + PROBE_REPLY_MAX
+            transport.write(stream[:-keep])
+            self._tail = stream[-keep:]
             return
-        stream = client._reply_tail + data
-        if client.replied < self.target - 1:
-            client._reply_tail = b""
-            transport.write(stream)
-        elif client.replied == self.target - 1:
-            # The probe's reply may have begun at the end of this chunk: keep the end back.
-            cut = max(0, len(stream) - PROBE_REPLY_MAX)
-            transport.write(stream[:cut])
-            client._reply_tail = stream[cut:]
-        elif client.replied == self.target:
-            # The probe's reply is the last frame: one error line, with no CRLF inside.
-            before = stream.rfind(b"\r\n", 0, len(stream) - 2)
+        self._tail = b""
+        end = len(stream) - len(self.marker_reply)
+        start = end
+        if self.probing:
+            # The probe's reply is the frame before the marker's: one error line, no CRLF inside.
+            before = stream.rfind(b"\r\n", 0, end - 2)
             start = before + 2 if before >= 0 else 0
-            client._reply_tail = b""
-            transport.write(stream[:start])
-            self._ready(stream[start:])
-        else:
-            log.warning("more replies than commands: the client's stream is no longer counted")
-            client._reply_tail = b""
-            transport.write(stream)
-            client._become_pipe()
-            self._ready(b"")
+        transport.write(stream[:start])
+        self._ready(stream[start:end])
+
+    def flush(self) -> None:
+        """The upstream is gone: what was kept back is Redis's, not ours; pass it on."""
+        if self._tail and self.client.transport is not None:
+            self.client.transport.write(self._tail)
+        self._tail = b""
 
     def _ready(self, probe_reply: bytes) -> None:
         if self.error:
             self.client.barrier_done(replies.error(self.error), close=self.args is None)
             return
-        if self.probing and not probe_reply.startswith(b"-ERR"):
+        if not probe_reply.startswith(b"-ERR"):
             self.client.barrier_done(self._refusal(probe_reply))
             return
         assert self.args is not None
@@ -134,7 +128,7 @@ class Barrier:
         if not probe_reply.startswith(b"-NOPERM"):
             log.warning("authority probe answered %r; refusing %s", probe_reply[:80], self.name)
         return replies.error(
-            f"NOPERM this user has no permissions to run the '{self.name.lower()}' command "
+            f"NOPERM this user has no permissions to run the '{self.name}' command "
             "(it needs the right to run CONFIG SET)"
         )
 

@@ -1,0 +1,1 @@
+"""The I/O shell of key-evt-amqp: listener, relay, admin commands, event pipeline."""
