@@ -2,8 +2,7 @@
 
 Almost every command is relayed as bytes without a look. The relay only needs to notice:
 - our own ``key_evt_amqp.*`` commands, which never reach Redis (a ``key_evt_amqp.*`` name we do
-  not implement is relayed: Redis refuses it with the same "unknown command" text the module
-  gave);
+  not implement gets the "unknown command" text the module gave);
 - commands after which Redis's replies can no longer be counted one per command (pub/sub, MONITOR,
   ``CLIENT REPLY``, ``CLIENT TRACKING``): the connection then becomes a plain byte pipe;
 - ``MULTI``/``EXEC``/``DISCARD``/``RESET`` (our commands are refused inside a transaction) and
@@ -59,7 +58,10 @@ _UNCOUNTABLE_CLIENT_SUBCOMMANDS = frozenset({b"reply", b"tracking"})
 
 def effect_of(args: list[bytes]) -> Effect | None:
     """What the relay must do about this command, or None to relay it blindly."""
-    effect = NOTICED.get(args[0].lower())
+    name = args[0].lower()
+    if name[:_PREFIX_LEN] == ADMIN_PREFIX:
+        return Effect.ADMIN
+    effect = NOTICED.get(name)
     if effect is Effect.CLIENT:
         if len(args) > 1 and bytes(args[1]).lower() in _UNCOUNTABLE_CLIENT_SUBCOMMANDS:
             return Effect.UNCOUNTABLE

@@ -2,39 +2,27 @@
 
 hiredis splits a client's stream into commands in C but does not say where each one ends. For a
 command in canonical form (what every client library writes: no leading zeros, no sign) the size
-follows from its arguments, so the offsets can be computed back. :func:`place` does that and
-checks itself: every computed start must fall on a ``*``, and the last end on the stream's end or
-on the start of the unfinished tail. Input that fails the check is not canonical, and the caller
-hands it to the exact parser (:mod:`protocol.requests`).
+follows from its arguments, so the offsets can be computed back. :func:`locate` does that and
+checks itself: every computed start must fall on a ``*``. Input that fails the check is not
+canonical, and the caller hands it to the exact parser (:mod:`protocol.requests`).
 
-It also vets the unfinished tail of a chunk (the "relay only what you have judged" rule): a tail
-whose command name could still turn out to be ``key_evt_amqp.*`` is kept back, so none of our
-commands ever reaches Redis in part.
+:func:`judge_tail` judges the unfinished command at the end of a chunk (the relay's rule 1: relay
+only what has been judged): a tail whose name could still turn out to be ``key_evt_amqp.*`` is
+kept back, so none of our commands ever reaches Redis in part, and a tail that is not canonical
+goes to the exact parser before any of it reaches Redis.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
 
 from protocol.commands import ADMIN_PREFIX
 
 #: A command name longer than this cannot be one of ours, so a tail needs no more to be judged.
 MAX_ADMIN_NAME = 64
-#: The longest tail kept back while its name is not yet readable (`*N\r\n$L\r\n` + the name).
-VET_LIMIT = 256
+#: The longest header line of a canonical request (`*` or `$`, at most 10 digits, CRLF).
+MAX_HEADER = 13
 _STAR = 42
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    #: (command, start, end) for each complete command; offsets into the stream, the first start
-    #: negative when that command began in bytes already relayed.
-    commands: list[tuple[object, int, int]]
-    #: Bytes of the stream that may be relayed now; the rest is kept back (an unvetted tail).
-    relay_until: int
-    #: Bytes of the unfinished command that will have been relayed (0 when none or kept back).
-    partial_seen: int
-
 
 #: Digits of each small length: `len(str(n))` without a str on the hot path.
 SMALL_DIGITS = [len(str(n)) for n in range(10_000)]
@@ -42,6 +30,14 @@ SMALL_DIGITS = [len(str(n)) for n in range(10_000)]
 
 def digits(n: int) -> int:
     return SMALL_DIGITS[n] if n < 10_000 else len(str(n))
+
+
+class Tail(enum.Enum):
+    """What to do with the unfinished command at the end of a chunk."""
+
+    RELAY = "relay"  # not ours: relay it as it comes
+    HOLD = "hold"  # ours, or its name is not readable yet: keep it back
+    MALFORMED = "malformed"  # not canonical: the exact parser must judge it from its start
 
 
 def encoded_size(command: object) -> int:
@@ -59,12 +55,10 @@ def encoded_size(command: object) -> int:
     return size
 
 
-def place(stream: bytes, commands: list[object], relayed_before: int) -> Plan | None:
-    """Locate ``commands`` (hiredis's output for ``stream``) in ``stream``; None if not canonical.
-
-    ``relayed_before`` is how many bytes of the first command were relayed before ``stream``
-    (a command that began in an earlier chunk).
-    """
+def locate(stream: bytes, commands: list[object], relayed_before: int) -> list[tuple[object, int, int]] | None:
+    """(command, start, end) for each command hiredis parsed out of ``stream``, or None when the
+    input is not canonical. ``relayed_before``: bytes of the first command relayed before
+    ``stream`` (its start is then negative)."""
     total = len(stream)
     pos = -relayed_before
     placed: list[tuple[object, int, int]] = []
@@ -74,47 +68,38 @@ def place(stream: bytes, commands: list[object], relayed_before: int) -> Plan | 
             return None
         placed.append((command, pos, pos + size))
         pos += size
-    if pos == total:
-        return Plan(placed, total, 0)
     if pos > total:
         return None
-    if pos < 0:
-        # No command started in this stream: the tail began earlier and was vetted then.
-        return Plan(placed, total, relayed_before + total)
-    if stream[pos] != _STAR:
-        return None
-    tail = stream[pos:]
-    if holds_back(tail):
-        return Plan(placed, pos, 0)
-    return Plan(placed, total, total - pos)
+    return placed
 
 
-def holds_back(tail: bytes) -> bool:
-    """Must this unfinished command stay out of Redis for now? Yes if it is one of ours, or if
-    its name is not readable yet and the tail is still short."""
-    verdict = _vet(tail)
-    if verdict is None:
-        return len(tail) < VET_LIMIT
-    return verdict
-
-
-def _vet(tail: bytes) -> bool | None:
-    """Is the unfinished command in ``tail`` one of ours? None while its name is not complete."""
-    eol = tail.find(b"\r\n")
-    if eol < 0:
-        return None
-    if tail[eol + 2:eol + 3] != b"$":
-        return None if eol + 2 >= len(tail) else False
-    eol2 = tail.find(b"\r\n", eol + 2)
-    if eol2 < 0:
-        return None
-    try:
-        length = int(tail[eol + 3:eol2])
-    except ValueError:
-        return False  # malformed: Redis (or the exact parser) will say so
+def judge_tail(tail: bytes) -> Tail:
+    """Judge the unfinished command that ``tail`` (from its first byte) begins."""
+    if tail[:1] != b"*":
+        return Tail.MALFORMED
+    count_end = tail.find(b"\r\n", 0, MAX_HEADER)
+    if count_end < 0:
+        return Tail.HOLD if len(tail) < MAX_HEADER else Tail.MALFORMED
+    if not _canonical_number(tail[1:count_end]):
+        return Tail.MALFORMED
+    if count_end + 2 == len(tail):
+        return Tail.HOLD
+    if tail[count_end + 2] != ord("$"):
+        return Tail.MALFORMED
+    length_end = tail.find(b"\r\n", count_end + 2, count_end + 2 + MAX_HEADER)
+    if length_end < 0:
+        return Tail.HOLD if len(tail) < count_end + 2 + MAX_HEADER else Tail.MALFORMED
+    length_text = tail[count_end + 3:length_end]
+    if not _canonical_number(length_text):
+        return Tail.MALFORMED
+    length = int(length_text)
     if length > MAX_ADMIN_NAME or length < len(ADMIN_PREFIX):
-        return False
-    name = tail[eol2 + 2:eol2 + 2 + length]
-    if len(name) < length:
-        return None
-    return name.lower().startswith(ADMIN_PREFIX)
+        return Tail.RELAY
+    name = tail[length_end + 2:length_end + 2 + len(ADMIN_PREFIX)]
+    if len(name) < len(ADMIN_PREFIX):
+        return Tail.HOLD
+    return Tail.HOLD if name.lower() == ADMIN_PREFIX else Tail.RELAY
+
+
+def _canonical_number(text: bytes) -> bool:
+    return text.isdigit() and (text[:1] != b"0" or text == b"0")

@@ -48,10 +48,23 @@ Handler = Callable[["Runtime", str, list[bytes], bool], Reply]
 class Barrier:
     """One command of ours (or a protocol error) waiting for its place in the reply stream."""
 
-    def __init__(self, client: ClientConnection, args: list[bytes] | None, *, error: str = "") -> None:
+    def __init__(
+        self,
+        client: ClientConnection,
+        args: list[bytes] | None,
+        *,
+        error: str = "",
+        drain: bool = False,
+        hello: int | None = None,
+    ) -> None:
+        """One of: ``args``, our command; ``error``, a protocol error to send before closing;
+        ``drain``, close once Redis has answered everything (shutdown); ``hello``, the version a
+        relayed HELLO asked for (our replies switch protocol only if Redis accepted it)."""
         self.client = client
         self.args = args
         self.error = error
+        self.drain = drain
+        self.hello = hello
         token = "key-evt-amqp-marker-" + secrets.token_hex(16)
         self.marker = b"*1\r\n$%d\r\n%s\r\n" % (len(token), token.encode())
         self.marker_reply = (
@@ -67,7 +80,9 @@ class Barrier:
 
     def begin(self) -> None:
         client = self.client
-        if self.args is not None and client.in_multi:
+        if self.args is not None and admin_verb(self.args[0]) not in HANDLERS:
+            self.error = unknown_command(self.args)
+        elif self.args is not None and client.in_multi:
             self.error = f"ERR {self.name} is not allowed inside MULTI (the transaction is aborted)"
         elif self.args is not None:
             client.inject(PROBE)
@@ -89,10 +104,23 @@ class Barrier:
         start = end
         if self.probing:
             # The probe's reply is the frame before the marker's: one error line, no CRLF inside.
-            before = stream.rfind(b"\r\n", 0, end - 2)
-            start = before + 2 if before >= 0 else 0
+            start = _line_start(stream, end)
+        elif self.hello is not None:
+            self._hello_answered(stream, end)
         transport.write(stream[:start])
         self._ready(stream[start:end])
+
+    def _hello_answered(self, stream: bytes, end: int) -> None:
+        """HELLO's reply ends just before the marker's: an error line if Redis refused it."""
+        line_start = _line_start(stream, end)
+        line = stream[line_start:end - 2]
+        refused = line.startswith(b"-")
+        if refused and line_start >= 2:
+            # A bulk string whose text starts with `-` (a module argument) is not an error.
+            header = stream[_line_start(stream, line_start):line_start - 2]
+            refused = header != b"$%d" % len(line)
+        if not refused:
+            self.client.resp3 = self.hello == 3
 
     def flush(self) -> None:
         """The upstream is gone: what was kept back is Redis's, not ours; pass it on."""
@@ -101,6 +129,9 @@ class Barrier:
         self._tail = b""
 
     def _ready(self, probe_reply: bytes) -> None:
+        if self.drain or self.hello is not None:
+            self.client.barrier_done(b"", close=self.drain)
+            return
         if self.error:
             self.client.barrier_done(replies.error(self.error), close=self.args is None)
             return
@@ -135,6 +166,12 @@ class Barrier:
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+def _line_start(stream: bytes, end: int) -> int:
+    """Where the line that ends (with its CRLF) at ``end`` begins."""
+    before = stream.rfind(b"\r\n", 0, end - 2)
+    return before + 2 if before >= 0 else 0
 
 
 def unknown_command(args: list[bytes]) -> str:

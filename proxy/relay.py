@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import hiredis
 
 from protocol import NEED_DATA, ProtocolError, RequestParser, framing, replies
-from protocol.commands import NOTICED, Effect, effect_of, hello_version
-from protocol.framing import SMALL_DIGITS, digits
+from protocol.commands import ADMIN_PREFIX, NOTICED, Effect, effect_of, hello_version
+from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from proxy import admin
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("key_evt_amqp.relay")
 
+_PREFIX_LEN = len(ADMIN_PREFIX)
 #: One of our commands longer than this is refused and the client closed (rule 1 holds it).
 MAX_ADMIN_BYTES = 64 * 1024
 
@@ -76,8 +77,10 @@ class ClientConnection(asyncio.Protocol):
         self._exact_base = 0  # absolute stream offset of _exact_buf[0]
         self._carry = b""  # client bytes parsed but not relayed yet (rule 1)
         self._pending = 0  # bytes of the unfinished command seen so far, carry included
-        self._held: list[bytes] = []
+        self._held: list[bytes] = []  # input read while paused, in order
+        self._held_bytes = 0
         self._pauses: set[Pause] = set()
+        self._reading = True
         self._up_write = _nowhere  # the upstream transport's write, once connected
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -138,9 +141,26 @@ class ClientConnection(asyncio.Protocol):
     # -- flow control (rule 3) -----------------------------------------------------------------
 
     def _pause(self, reason: Pause) -> None:
-        if not self._pauses and self.transport is not None:
-            self.transport.pause_reading()
         self._pauses.add(reason)
+        if reason is not Pause.BARRIER:
+            self._stop_reading()
+        # Behind a barrier the client is still read (bounded by _hold): a client that leaves
+        # while its command waits behind a blocked one must be noticed, or its Redis connection
+        # (and the blocked command) would outlive it.
+
+    def _stop_reading(self) -> None:
+        if self._reading and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading = False
+
+    def _hold(self, data: bytes, *, first: bool = False) -> None:
+        if first:
+            self._held.insert(0, data)
+        else:
+            self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > self.server.buffer_limit:
+            self._stop_reading()
 
     def _resume(self, reason: Pause) -> None:
         self._pauses.discard(reason)
@@ -148,11 +168,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _continue(self) -> None:
         """No pause left: process what was held back, then read again."""
-        transport = self.transport
         while self._held and not self._pauses and self.mode is not Mode.CLOSING:
-            self.data_received(self._held.pop(0))
-        if not self._pauses and transport is not None and not transport.is_closing():
+            data = self._held.pop(0)
+            self._held_bytes -= len(data)
+            self.data_received(data)
+        transport = self.transport
+        if not self._pauses and not self._reading and transport is not None and not transport.is_closing():
             transport.resume_reading()
+            self._reading = True
 
     def pause_writing(self) -> None:
         # The client reads slower than Redis answers: stop reading Redis.
@@ -174,7 +197,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._pauses:
-            self._held.append(data)  # delivered after pause_reading(): keep it for later
+            self._hold(data)
         elif self.mode is Mode.FAST:
             self._fast(data)
         elif self.mode is Mode.PIPE:
@@ -203,18 +226,22 @@ class ClientConnection(asyncio.Protocol):
                 for arg in command:
                     n = len(arg)
                     size += 5 + (SMALL_DIGITS[n] if n < 10_000 else digits(n)) + n
-                if command and command[0].lower() in NOTICED:
-                    noticed = True
-        except (hiredis.ProtocolError, TypeError, AttributeError):
-            # Inline commands, garbage, or elements that are not bulk strings.
-            self._anomaly(data)
+                if command:
+                    low = command[0].lower()
+                    if low in NOTICED or low[:_PREFIX_LEN] == ADMIN_PREFIX:
+                        noticed = True
+        except hiredis.ProtocolError:  # inline commands, garbage
+            self._anomaly(data, commands)
+            return
+        except (TypeError, AttributeError):  # the last request is not a list of bulk strings
+            commands.pop()
+            self._anomaly(data, commands)
             return
         pending = self._pending + len(data) - size
-        if pending < 0:
-            self._anomaly(data)  # the sizes do not add up: not canonical, let the parser judge
-            return
         if not noticed and not self._carry and (
-            pending == 0 or pending > len(data) or not framing.holds_back(data[-pending:])
+            pending == 0
+            or len(data) < pending  # the unfinished command began earlier: judged then
+            or 0 < pending and judge_tail(data[-pending:]) is Tail.RELAY
         ):
             # The common case: nothing to look at, nothing to keep back.
             self._pending = pending
@@ -223,34 +250,73 @@ class ClientConnection(asyncio.Protocol):
         self._careful(data, commands)
 
     def _careful(self, data: bytes, commands: list[object]) -> None:
-        """Place each command in the chunk, act on the noticed ones, keep unvetted tails."""
+        """Place each command in the chunk, act on the noticed ones, judge the unfinished tail."""
         carry = self._carry
         stream = carry + data if carry else data
-        plan = framing.place(stream, commands, self._pending - len(carry))
-        if plan is None:
-            self._anomaly(data)
+        relayed_before = self._pending - len(carry)
+        placed = framing.locate(stream, commands, relayed_before)
+        if placed is None:
+            self._anomaly(data, [])
             return
-        for command, start, end in plan.commands:
+        if not self._walk(stream, placed):
+            return
+        end = placed[-1][2] if placed else -relayed_before
+        self._settle(stream, end, relayed_before)
+
+    def _walk(self, stream: bytes, placed: list[tuple[object, int, int]]) -> bool:
+        """Act on each placed command; False when one of ours stopped the walk (the rest of the
+        stream is then held, and the commands before it relayed)."""
+        for command, start, end in placed:
             effect = _effect(command)
             if effect is Effect.ADMIN and self.mode is not Mode.PIPE:
                 self._write_upstream(stream[:start])
                 self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
                 self._carry, self._pending = b"", 0
                 if end < len(stream):
-                    self._held.insert(0, stream[end:])
-                self._start_barrier(command)  # type: ignore[arg-type]
-                return
+                    self._hold(stream[end:], first=True)
+                if end - start > MAX_ADMIN_BYTES:
+                    self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
+                else:
+                    self._start_barrier(command)  # type: ignore[arg-type]
+                return False
+            if effect is Effect.HELLO and self.mode is not Mode.PIPE and not self.in_multi:
+                version = hello_version(command)  # type: ignore[arg-type]
+                if version is not None:
+                    # Which protocol our replies must speak depends on whether HELLO succeeds.
+                    self._write_upstream(stream[:end])
+                    self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
+                    self._carry, self._pending = b"", 0
+                    if end < len(stream):
+                        self._hold(stream[end:], first=True)
+                    self._start_barrier(None, hello=version)
+                    return False
             self._apply(effect, command)
+        return True
+
+    def _settle(self, stream: bytes, end: int, relayed_before: int) -> None:
+        """Relay a walked stream whose last complete command ends at ``end``; judge the rest."""
         if self.mode is Mode.PIPE:
             self._write_upstream(stream)
             self._carry, self._pending = b"", 0
             return
-        self._write_upstream(stream[:plan.relay_until])
-        self._carry = stream[plan.relay_until:]
-        ended = plan.commands[-1][2] if plan.commands else len(carry) - self._pending
-        self._pending = len(stream) - ended
-        if len(self._carry) > MAX_ADMIN_BYTES:
-            self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
+        if end < 0 or end == len(stream):
+            # No command began here (the unfinished one was judged earlier), or none is unfinished.
+            self._write_upstream(stream)
+            self._carry, self._pending = b"", relayed_before + len(stream) if end < 0 else 0
+            return
+        verdict = judge_tail(stream[end:])
+        if verdict is Tail.RELAY:
+            self._write_upstream(stream)
+            self._carry, self._pending = b"", len(stream) - end
+        elif verdict is Tail.HOLD:
+            self._write_upstream(stream[:end])
+            self._carry = stream[end:]
+            self._pending = len(self._carry)
+            if self._pending > MAX_ADMIN_BYTES:
+                self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
+        else:
+            self._write_upstream(stream[:end])
+            self._enter_exact(stream[end:])
 
     def _apply(self, effect: Effect | None, command: object) -> None:
         """Book-keeping for one command that is relayed (the caller relays its bytes)."""
@@ -265,6 +331,7 @@ class ClientConnection(asyncio.Protocol):
         elif effect is Effect.RESET:
             self.in_multi = self.resp3 = False
         elif effect is Effect.HELLO:
+            # Reached only where no barrier can watch the reply (inside MULTI): assume success.
             version = hello_version(command)  # type: ignore[arg-type]
             if version in (2, 3):
                 self.resp3 = version == 3
@@ -279,24 +346,38 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is not Mode.CLOSING:
             self.mode = Mode.PIPE
 
-    def _anomaly(self, data: bytes) -> None:
-        """hiredis refused the input or it is not canonical: the exact parser judges it."""
-        stream = self._carry + data
-        if self._pending > len(self._carry):
-            # Part of the current command already reached Redis: Redis must judge it itself.
+    def _anomaly(self, data: bytes, commands: list[object]) -> None:
+        """hiredis refused the input, or it is not canonical: relay the commands before the odd
+        spot, and let the exact parser judge from there (Redis's own answer, in its place)."""
+        carry = self._carry
+        stream = carry + data if carry else data
+        relayed_before = self._pending - len(carry)
+        self._carry = b""
+        placed = framing.locate(stream, commands, relayed_before) if commands else []
+        if placed is not None and placed and not self._walk(stream, placed):
+            return
+        end = placed[-1][2] if placed else -relayed_before
+        if placed is None or end < 0:
+            # Part of the command at fault already reached Redis: only Redis can judge it. It
+            # answers with its own protocol error and closes; no second error from us then.
             log.debug("client input cannot be re-parsed from a boundary; relaying it as a pipe")
             self._write_upstream(stream)
-            self._carry = b""
+            self.quitting = True
             self._become_pipe()
             return
+        self._write_upstream(stream[:end])
+        self._enter_exact(stream[end:])
+
+    # -- EXACT mode: the pure-Python parser ------------------------------------------------------
+
+    def _enter_exact(self, stream: bytes) -> None:
+        """From a request boundary on, this client is parsed by the exact parser (rare, slower)."""
         self._carry, self._pending = b"", 0
         self.mode = Mode.EXACT
         self._exact = RequestParser()
         self._exact_buf = bytearray()
         self._exact_base = 0
         self._exact_feed(stream)
-
-    # -- EXACT mode: the pure-Python parser ------------------------------------------------------
 
     def _exact_feed(self, data: bytes) -> None:
         self._exact.feed(data)  # type: ignore[union-attr]
@@ -317,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 request = parser.next_request()
             except ProtocolError as exc:
-                self._write_upstream(self._exact_take(parser.offset))
+                # Nothing of the request at fault reaches Redis: our answer is Redis's own text.
                 self._refuse_and_close(exc.message)
                 return
             if request is NEED_DATA:
@@ -329,6 +410,10 @@ class ClientConnection(asyncio.Protocol):
                 self._exact_take(request.end)
                 self._start_barrier(args)
                 return
+            if effect is Effect.HELLO and not self.in_multi and hello_version(args) is not None:
+                self._write_upstream(self._exact_take(request.end))
+                self._start_barrier(None, hello=hello_version(args))
+                return
             self._apply(effect, args)
             self._write_upstream(self._exact_take(request.end))
             if self.mode is Mode.PIPE:
@@ -337,10 +422,26 @@ class ClientConnection(asyncio.Protocol):
 
     # -- barriers: our replies in their place ----------------------------------------------------
 
-    def _start_barrier(self, args: list[bytes] | None, error: str = "") -> None:
+    def _start_barrier(
+        self, args: list[bytes] | None, error: str = "", *, drain: bool = False, hello: int | None = None
+    ) -> None:
         self._pause(Pause.BARRIER)
-        self.barrier = admin.Barrier(self, args, error=error)
+        self.barrier = admin.Barrier(self, args, error=error, drain=drain, hello=hello)
         self.barrier.begin()
+
+    def shut_down(self) -> None:
+        """Read no more; close once Redis has answered what was sent (the server bounds the wait).
+
+        Where replies cannot be followed (a pipe, or our own reply pending) the server's
+        deadline closes the connection instead.
+        """
+        self._pause(Pause.SHUTDOWN)
+        self._held.clear()
+        self._held_bytes = 0
+        if self.upstream is None:
+            self._fail(None)
+        elif self.mode in (Mode.FAST, Mode.EXACT) and self.barrier is None:
+            self._start_barrier(None, drain=True)
 
     def _refuse_and_close(self, message: str) -> None:
         """A protocol error: answer it after the replies Redis still owes, then close."""

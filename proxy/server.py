@@ -16,7 +16,7 @@ from protocol import replies
 from proxy.config import Config
 from proxy.events.errors import AmqpCommandError
 from proxy.events.service import EventService
-from proxy.relay import ClientConnection, Pause
+from proxy.relay import ClientConnection
 
 log = logging.getLogger("key_evt_amqp")
 
@@ -114,11 +114,9 @@ class Server:
         if self._listener is not None:
             self._listener.close()
         for client in list(self.clients):
-            client._pause(Pause.SHUTDOWN)
+            client.shut_down()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(
-            c.replied < c.sent for c in self.clients if c.transport and not c.transport.is_closing()
-        ):
+        while self.clients and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for client in list(self.clients):
             if client.transport is not None:

@@ -1,0 +1,48 @@
+"""The ``key-evt-amqp`` command line: ``key-evt-amqp serve [flags]``.
+
+Exit status: whatever the server returns, 2 for a bad configuration or usage (the message goes to
+stderr as one ``key-evt-amqp: ...`` line), 0 after ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from proxy import settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="key-evt-amqp",
+        description="A RESP proxy in front of Redis that forwards keyspace events to RabbitMQ.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy until SIGINT or SIGTERM.",
+        epilog=settings.HELP_EPILOG,
+    )
+    settings.add_arguments(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse after --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    # Only one command so far: argv[0] is "serve", the rest are its flags.
+    try:
+        config = settings.load(argv[1:], os.environ)
+    except settings.ConfigError as exc:
+        print(f"key-evt-amqp: {exc}", file=sys.stderr)
+        return 2
+    from proxy.server import run  # late: the server pulls in asyncio, uvloop and aiormq
+
+    return run(config)

@@ -1,0 +1,44 @@
+"""Errors of the event pipeline (``proxy.events``).
+
+One root, so a caller can catch everything this package raises on purpose::
+
+    EventsError
+    ├── AmqpCommandError      an admin command failed; str(exc) is the module's reply text,
+    │                         e.g. "AMQP CONNECT ERROR: 3" (send it as ``-AMQP CONNECT ERROR: 3``)
+    ├── LinkError             a Redis connection of the pipeline dropped or never came up;
+    │                         the caller retries later (the source and the fallback reconnect)
+    └── BrokerError           connecting to RabbitMQ failed; ``code`` is the module's
+                              CONNECT ERROR number (3 refused/unreachable, 4 login refused,
+                              5 channel failed)
+
+Redis error replies are values (``hiredis.ReplyError`` instances returned, not raised).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AmqpCommandError", "BrokerError", "EventsError", "LinkError"]
+
+
+class EventsError(Exception):
+    """Root of every error raised on purpose by ``proxy.events``."""
+
+
+class AmqpCommandError(EventsError):
+    """A ``key_evt_amqp.connect``/``disconnect`` failed: reply ``-`` + ``str(exc)``."""
+
+
+class LinkError(EventsError, ConnectionError):
+    """A pipeline connection to Redis is down; retry after a backoff."""
+
+
+class BrokerError(EventsError):
+    """A connection attempt to RabbitMQ failed; ``code`` is the module's CONNECT ERROR number."""
+
+    REFUSED = 3
+    LOGIN_REFUSED = 4
+    CHANNEL_FAILED = 5
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{reason} (code {code})")
+        self.code = code
+        self.reason = reason

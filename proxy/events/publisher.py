@@ -1,0 +1,438 @@
+"""The broker side: one aiormq connection, one confirm-mode channel, many messages in flight.
+
+aiormq does the connection work (handshake, login, heartbeats, channel open, ``confirm.select``,
+reading and parsing frames). The hot path bypasses ``Channel.basic_publish``, which costs a lock,
+three pamqp objects, a queue hand-off and a drain per message (measured 9x slower): events are
+encoded by :class:`~proxy.events.message.FrameEncoder` and written to the socket many at a time,
+and the channel subclass below hands ``basic.ack``/``basic.nack``/``basic.return`` straight to
+:class:`AmqpPublisher`, which tracks the in-flight window by delivery tag.
+
+Outcomes go to the sink in publish order as ``sink.on_settled(confirmed, failed)``; an in-flight
+entry is ``(event, batch, index)`` as given to :meth:`AmqpPublisher.publish`. An event counts as
+confirmed only on ``basic.ack`` without a ``basic.return`` before it. It fails on nack, return,
+publish timeout, heartbeat silence, a channel or connection close: the sink stores it again.
+
+Limits: at most ``config.publish_window`` messages unconfirmed, at most
+:data:`WRITE_BUFFER_LIMIT` bytes queued in the socket; past either, :meth:`room` is 0 and the
+caller keeps events elsewhere (the fallback list). Nothing here grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import deque
+from typing import Any, Protocol
+
+import aiormq
+from aiormq import spec
+from aiormq.abc import ConfirmationFrameType
+from aiormq.connection import TransportFactory
+from aiormq.exceptions import (AMQPError, AuthenticationError, ConnectionClosed,
+                               ProbableAuthenticationError)
+from yarl import URL
+
+from proxy.config import Config
+from proxy.events.errors import BrokerError
+from proxy.events.message import Event, FrameEncoder
+
+__all__ = ["AmqpPublisher", "BrokerState", "InFlight"]
+
+log = logging.getLogger("proxy.events.publisher")
+
+CHANNEL = 1
+WRITE_BUFFER_LIMIT = 4 * 1024 * 1024  # bytes queued in the socket before publishing pauses
+RECONNECT_MIN = 0.25
+RECONNECT_MAX = 5.0
+STABLE_AFTER = 10.0  # seconds a connection must live before the reconnect delay starts over
+HEARTBEAT_SILENCE = 1.5  # heartbeats without any frame from the broker before it counts as dead
+DISCONNECT_GRACE = 2.0  # seconds `disconnect` waits for confirms before closing
+
+InFlight = tuple[Event, Any, int]  # (event, batch, index): the sink's own bookkeeping
+
+
+class BrokerState(enum.Enum):
+    IDLE = "idle"  # enabled, not connected: connects on the first event (lazy, as the module)
+    CONNECTING = "connecting"
+    READY = "ready"
+    BACKOFF = "backoff"  # connection lost or refused: retrying with backoff
+    DISABLED = "disabled"  # after key_evt_amqp.disconnect: no connection until connect
+    STOPPED = "stopped"
+
+
+class Sink(Protocol):
+    def on_ready(self) -> None: ...
+    def on_settled(self, confirmed: list[InFlight], failed: list[InFlight]) -> None: ...
+
+
+class _TimedReader(asyncio.StreamReader):
+    """A StreamReader that remembers when the broker last sent anything (heartbeats included)."""
+
+    last_rx = 0.0
+
+    def feed_data(self, data: bytes) -> None:
+        self.last_rx = self._loop.time()  # type: ignore[attr-defined]
+        super().feed_data(data)
+
+
+class _Transports(TransportFactory):
+    """Opens the TCP connection for aiormq and keeps the reader and writer for us."""
+
+    def __init__(self) -> None:
+        self.reader: _TimedReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        loop = asyncio.get_running_loop()
+        reader = _TimedReader(limit=1 << 20, loop=loop)
+        reader.last_rx = loop.time()
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.create_connection(lambda: protocol, url.host, url.port)
+        except OSError as exc:
+            raise aiormq.AMQPConnectionError(*exc.args) from exc
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        self.reader, self.writer = reader, writer
+        return reader, writer
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+
+class _PublishChannel(aiormq.Channel):
+    """A confirm-mode channel whose acks, nacks and returns go to the publisher, not to futures."""
+
+    publisher: AmqpPublisher
+
+    async def _on_confirm_frame(self, frame: ConfirmationFrameType) -> None:
+        self.publisher._on_confirm(frame.delivery_tag, frame.multiple, isinstance(frame, spec.Basic.Nack))
+
+    async def _on_return_frame(self, frame: spec.Basic.Return) -> None:
+        header = await self._get_frame()
+        message = await self._read_content(frame, header)  # type: ignore[arg-type]
+        message_id = message.header.properties.message_id or ""
+        self.publisher._on_return(message_id.encode(), frame.reply_code, frame.reply_text)
+
+
+def amqp_url(config: Config) -> URL:
+    """The aiormq URL for ``config`` (contains the password: never log it)."""
+    vhost = config.amqp_vhost
+    path = "/" if vhost == "/" else "/" + vhost
+    return URL.build(scheme="amqp", user=config.amqp_user, password=config.amqp_password,
+                     host=config.amqp_host, port=config.amqp_port, path=path,
+                     query={"heartbeat": str(max(0, config.heartbeat)), "name": "key-evt-amqp"})
+
+
+class AmqpPublisher:
+    """Connects (lazily, or on :meth:`connect_now`), publishes, tracks confirms, reconnects."""
+
+    def __init__(self, config: Config, sink: Sink) -> None:
+        self.config = config
+        self.sink = sink
+        self.state = BrokerState.IDLE
+        self.last_error = ""
+        self.published = 0
+        self.confirmed = 0
+        self.nacked = 0
+        self.returned = 0
+        self.timeouts = 0
+        self.connections = 0
+        self._conn: aiormq.Connection | None = None
+        self._transports: _Transports | None = None
+        self._encoder: FrameEncoder | None = None
+        self._frame_max = 131072
+        self._pending: deque[tuple[Event, Any, int, float]] = deque()
+        self._first_tag = 1  # delivery tag of _pending[0]
+        self._early: dict[int, bool] = {}  # tag -> nacked, for single acks that overtook older tags
+        self._returned_ids: set[bytes] = set()
+        self._out: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._lost: asyncio.Future[None] | None = None
+
+    # ---- state and capacity ---------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def room(self) -> int:
+        """How many more events :meth:`publish` takes now (0 unless connected and not congested)."""
+        if self.state is not BrokerState.READY or self._transports is None:
+            return 0
+        writer = self._transports.writer
+        if writer is None or writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            return 0
+        return max(0, self.config.publish_window - len(self._pending))
+
+    def reconfigure(self, config: Config) -> None:
+        """Exchange, routing key and delivery mode apply to the next publish; the rest at reconnect."""
+        self.config = config
+        if self._encoder is not None:
+            self._encoder = self._make_encoder()
+
+    def _make_encoder(self) -> FrameEncoder:
+        c = self.config
+        return FrameEncoder(CHANNEL, c.exchange, c.routing_key, c.delivery_mode, self._frame_max)
+
+    def ensure_connected(self) -> None:
+        """Lazy connect: start connecting if idle (not after ``disconnect``)."""
+        if self.state is BrokerState.IDLE:
+            self._start(connected=False)
+
+    # ---- publishing -----------------------------------------------------------------------
+
+    def publish(self, event: Event, batch: Any = None, index: int = 0) -> None:
+        """Queue one event for the socket (written at the end of this loop iteration).
+
+        The caller checked :meth:`room`. The outcome comes later through ``sink.on_settled``.
+        """
+        encoder = self._encoder
+        assert encoder is not None and self.state is BrokerState.READY
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(encoder.encode(event))
+        self._pending.append((event, batch, index, self._now()))
+        self.published += 1
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self._transports is not None and self._transports.writer is not None:
+            self._transports.writer.transport.write(b"".join(out))
+
+    def _on_confirm(self, tag: int, multiple: bool, nack: bool) -> None:
+        if tag < self._first_tag:
+            return  # belongs to a connection we already gave up
+        tag = min(tag, self._first_tag + len(self._pending) - 1)  # never past what we sent
+        if not multiple and tag != self._first_tag:
+            self._early[tag] = nack
+            return
+        confirmed: list[InFlight] = []
+        failed: list[InFlight] = []
+        pending = self._pending
+        returned = self._returned_ids
+        early = self._early
+        while pending and (self._first_tag <= tag or self._first_tag in early):
+            was_nacked = early.pop(self._first_tag, nack) if self._first_tag <= tag else early.pop(self._first_tag)
+            event, batch, index, _ = pending.popleft()
+            self._first_tag += 1
+            if was_nacked:
+                self.nacked += 1
+                failed.append((event, batch, index))
+            elif returned and event.message_id in returned:
+                returned.discard(event.message_id)
+                self.returned += 1
+                failed.append((event, batch, index))
+            else:
+                confirmed.append((event, batch, index))
+        self.confirmed += len(confirmed)
+        if failed:
+            self._note_error(f"broker refused {len(failed)} message(s) (nack or unroutable)")
+        self.sink.on_settled(confirmed, failed)
+
+    def _on_return(self, message_id: bytes, code: int, text: str) -> None:
+        # basic.return comes before the basic.ack of the same message: remember, fail at the ack.
+        self._returned_ids.add(message_id)
+        self._note_error(f"message returned by the broker: {code} {text} (no queue bound to "
+                         f"exchange {self.config.exchange!r} with key {self.config.routing_key!r}?)")
+
+    # ---- connection life-cycle ----------------------------------------------------------
+
+    def _start(self, connected: bool) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.state = BrokerState.READY if connected else BrokerState.CONNECTING
+        self._task = asyncio.get_running_loop().create_task(self._run(connected), name="amqp-publisher")
+
+    async def _run(self, connected: bool) -> None:
+        delay = RECONNECT_MIN
+        while True:
+            if not connected:
+                self.state = BrokerState.CONNECTING
+                try:
+                    await self._open(self.config)
+                except BrokerError as exc:
+                    self._note_error(f"cannot connect to RabbitMQ: {exc.reason}")
+                    self.state = BrokerState.BACKOFF
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+            connected = False
+            self.state = BrokerState.READY
+            assert self._lost is not None
+            up_since = self._now()
+            self.sink.on_ready()
+            await self._lost
+            self.state = BrokerState.BACKOFF
+            # A connection that dies at once (a channel closed for a missing exchange, a broker
+            # that accepts and drops) must not turn into a tight reconnect loop.
+            delay = RECONNECT_MIN if self._now() - up_since > STABLE_AFTER else min(delay * 2, RECONNECT_MAX)
+            await asyncio.sleep(delay)
+
+    async def _open(self, config: Config) -> None:
+        """Connect, open the confirm channel, start the watchdog. Raises BrokerError."""
+        transports = _Transports()
+        conn = aiormq.Connection(amqp_url(config), transport_factory=transports)
+        where = f"{config.amqp_host}:{config.amqp_port}"
+        try:
+            await asyncio.wait_for(conn.connect(), config.connect_timeout)
+        except (ProbableAuthenticationError, AuthenticationError) as exc:
+            await self._discard(conn, transports)
+            raise BrokerError(BrokerError.LOGIN_REFUSED, f"login refused by {where}: {exc}") from None
+        except ConnectionClosed as exc:
+            await self._discard(conn, transports)
+            code = BrokerError.LOGIN_REFUSED if exc.args and exc.args[0] in (403, 530) else BrokerError.REFUSED
+            raise BrokerError(code, f"{where} closed the connection: {exc}") from None
+        except asyncio.TimeoutError:
+            await self._discard(conn, transports)
+            raise BrokerError(BrokerError.REFUSED, f"no AMQP handshake from {where} "
+                                                   f"within {config.connect_timeout}s") from None
+        except (AMQPError, OSError) as exc:
+            await self._discard(conn, transports)
+            raise BrokerError(BrokerError.REFUSED, f"cannot reach {where}: {exc!r}") from None
+        try:
+            channel = _PublishChannel(conn, CHANNEL, publisher_confirms=True, frame_buffer=1000,
+                                      on_return_raises=False)
+            channel.publisher = self
+            conn.channels[CHANNEL] = channel
+            await asyncio.wait_for(channel.open(), config.connect_timeout)
+        except (AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
+            await self._discard(conn, transports)
+            raise BrokerError(BrokerError.CHANNEL_FAILED, f"channel open failed on {where}: {exc!r}") from None
+        self._conn, self._transports = conn, transports
+        self._frame_max = conn.connection_tune.frame_max or 131072
+        self._encoder = self._make_encoder()
+        self._first_tag = 1
+        self._early.clear()
+        self._returned_ids.clear()
+        self._lost = asyncio.get_running_loop().create_future()
+        self.connections += 1
+        for source in (conn, channel):
+            source.closing.add_done_callback(
+                lambda fut, conn=conn: self._on_closing(conn, fut))
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(conn, transports))
+        log.info("connected to RabbitMQ at %s (heartbeat %ss)", where, config.heartbeat)
+
+    async def _discard(self, conn: aiormq.Connection, transports: _Transports) -> None:
+        transports.abort()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(conn.close(), 1.0)
+
+    def _on_closing(self, conn: aiormq.Connection, fut: asyncio.Future[Any]) -> None:
+        reason = "closed"
+        if not fut.cancelled() and fut.exception() is not None:
+            reason = repr(fut.exception())
+        if conn is self._conn:
+            self._drop(f"connection or channel closed: {reason}")
+
+    async def _watch(self, conn: aiormq.Connection, transports: _Transports) -> None:
+        """Give up on a broker that stops answering: heartbeat silence or a confirm overdue."""
+        heartbeat = self.config.heartbeat
+        timeout = self.config.publish_timeout
+        step = min(0.5, heartbeat / 4) if heartbeat > 0 else 0.5
+        while conn is self._conn:
+            await asyncio.sleep(step)
+            now = self._now()
+            reader = transports.reader
+            if heartbeat > 0 and reader is not None and now - reader.last_rx > HEARTBEAT_SILENCE * heartbeat:
+                self._drop(f"no frame from the broker for {now - reader.last_rx:.1f}s "
+                           f"(heartbeat {heartbeat}s): connection dead")
+            elif self._pending and now - self._pending[0][3] > timeout:
+                self.timeouts += 1
+                self._drop(f"no confirm within {timeout}s (broker blocked or unreachable)")
+
+    def _drop(self, reason: str, abort: bool = True) -> None:
+        """Forget the current connection: everything in flight fails; the socket is aborted
+        unless ``abort`` is False (the caller then closes the connection itself)."""
+        conn, transports = self._conn, self._transports
+        if conn is None:
+            return
+        self._note_error(reason)
+        self._conn = self._transports = self._encoder = None
+        self._out.clear()
+        if abort:
+            # Stop aiormq's reader first: it would log the EOF we cause as a traceback.
+            reader_task = getattr(conn, "_reader_task", None)
+            if reader_task is not None:
+                reader_task.cancel()
+            if transports is not None:
+                transports.abort()
+            asyncio.get_running_loop().create_task(self._close_quietly(conn))
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+        failed = [(event, batch, index) for event, batch, index, _ in self._pending]
+        self._pending.clear()
+        self._early.clear()
+        self._returned_ids.clear()
+        if self.state is BrokerState.READY:
+            self.state = BrokerState.BACKOFF
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        self.sink.on_settled([], failed)
+
+    @staticmethod
+    async def _close_quietly(conn: aiormq.Connection) -> None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(conn.close(), 2.0)
+
+    async def connect_now(self, config: Config) -> None:
+        """``key_evt_amqp.connect``: connect now with ``config``. Raises BrokerError.
+
+        The caller checks "already connected" first. On failure the previous mode is kept: an
+        enabled publisher keeps retrying in the background, a disabled one stays disabled.
+        """
+        self.config = config
+        previous = self.state
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.state = BrokerState.CONNECTING
+        try:
+            await self._open(config)
+        except BrokerError as exc:
+            self._note_error(f"connect failed: {exc.reason}")
+            self.state = previous if previous in (BrokerState.DISABLED, BrokerState.IDLE) else BrokerState.BACKOFF
+            if self.state is BrokerState.BACKOFF:
+                self._start(connected=False)
+            raise
+        self._start(connected=True)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for every in-flight message to be confirmed or failed."""
+        self._flush()
+        deadline = self._now() + timeout
+        while self._pending and self._conn is not None and self._now() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def disconnect(self, final: bool = False) -> bool:
+        """Stop publishing (``key_evt_amqp.disconnect``, or for good at shutdown when ``final``).
+
+        Waits briefly for confirms, then closes; unconfirmed messages fail to the sink. Returns
+        whether a connection was open.
+        """
+        was_connected = self._conn is not None
+        self.state = BrokerState.STOPPED if final else BrokerState.DISABLED
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if was_connected and not final:
+            await self.settle(DISCONNECT_GRACE)
+        conn, transports = self._conn, self._transports
+        if conn is not None:
+            self._drop("disconnected on request" if not final else "shutting down", abort=False)
+            await self._close_quietly(conn)
+            if transports is not None:
+                transports.abort()
+        self.state = BrokerState.STOPPED if final else BrokerState.DISABLED
+        return was_connected
+
+    def _note_error(self, message: str) -> None:
+        if message != self.last_error:
+            log.warning("amqp: %s", message)
+        self.last_error = message

@@ -1,0 +1,152 @@
+"""A minimal Redis connection for the pipeline: commands with futures, or a stream of pushes.
+
+The proxy's relay never parses replies; the pipeline needs two private connections that do:
+the keyspace subscriber (:mod:`proxy.events.source`) and the command link the fallback list and
+``CONFIG`` use (:mod:`proxy.events.fallback`). Both are an :class:`asyncio.Protocol` with a
+``hiredis.Reader``: no StreamReader, no task per read.
+
+Replies are matched to commands in order. A reply that arrives while no command waits (a pub/sub
+message) goes to ``on_push``. Error replies are values (``hiredis.ReplyError``), never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import hiredis
+
+from proxy.config import RedisAddress
+from proxy.events.errors import LinkError
+
+__all__ = ["RedisLink", "encode_command", "open_link"]
+
+#: A reply may be as large as a key (512 MB in theory); hiredis buffers it. Our commands only read
+#: lists of events and short strings, so this is the limit of one unread reply stream.
+MAX_PENDING_COMMANDS = 100_000  # commands awaiting replies; more is a bug in the caller
+
+
+def encode_command(args: Sequence[bytes | str | int]) -> bytes:
+    """One command as a RESP multibulk request."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, (bytes, bytearray)) else str(arg).encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class RedisLink(asyncio.Protocol):
+    """One connection. Use :func:`open_link`; then :meth:`execute` / :meth:`pipeline`.
+
+    ``on_push(reply)`` receives replies nobody waits for; ``on_lost(exc)`` is called once when the
+    connection ends (``exc`` None for a local close).
+    """
+
+    def __init__(self, on_push: Callable[[Any], None] | None = None,
+                 on_lost: Callable[[BaseException | None], None] | None = None) -> None:
+        self._reader = hiredis.Reader()
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.on_push = on_push
+        self.on_lost = on_lost
+        self.closed = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiters = self._waiters
+        on_push = self.on_push
+        try:
+            while (reply := reader.gets()) is not False:
+                if waiters:
+                    waiter = waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(reply)
+                elif on_push is not None:
+                    on_push(reply)
+        except hiredis.ProtocolError as exc:
+            self.abort(LinkError(f"bad reply from Redis: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc if exc is not None else None)
+
+    # API
+    def execute(self, *args: bytes | str | int) -> asyncio.Future[Any]:
+        """Send one command; the future resolves to its reply (or fails with LinkError)."""
+        return self.pipeline([args])[0]
+
+    def pipeline(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[asyncio.Future[Any]]:
+        """Send several commands in one write; one future per command, in order."""
+        if self.closed or self._transport is None:
+            raise LinkError("Redis link closed")
+        if len(self._waiters) + len(commands) > MAX_PENDING_COMMANDS:
+            raise LinkError("too many Redis commands in flight")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self._waiters.extend(futures)
+        self._transport.write(b"".join(encode_command(c) for c in commands))
+        return futures
+
+    def send_unanswered(self, *args: bytes | str | int) -> None:
+        """Send a command whose replies go to ``on_push`` (PSUBSCRIBE, PING when subscribed)."""
+        if self.closed or self._transport is None:
+            raise LinkError("Redis link closed")
+        self._transport.write(encode_command(args))
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Drop the connection now; waiting commands fail with LinkError."""
+        if self._transport is not None:
+            self._transport.abort()
+        self._finish(exc)
+
+    def close(self) -> None:
+        self.abort(None)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        error = LinkError(f"Redis connection lost: {exc}" if exc else "Redis connection closed")
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # mark retrieved: a caller may have stopped waiting
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+
+async def open_link(address: RedisAddress, timeout: float, *, select_db: bool = True,
+                    on_push: Callable[[Any], None] | None = None,
+                    on_lost: Callable[[BaseException | None], None] | None = None) -> RedisLink:
+    """Connect, AUTH and SELECT as ``address`` says. Raises LinkError (reason without password)."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, link = await asyncio.wait_for(
+            loop.create_connection(lambda: RedisLink(on_push, on_lost), address.host, address.port),
+            timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise LinkError(f"cannot connect to {address.masked_url()}: {exc!r}") from None
+    setup: list[tuple[bytes | str | int, ...]] = []
+    if address.password is not None:
+        setup.append(("AUTH", address.username, address.password) if address.username
+                     else ("AUTH", address.password))
+    if select_db and address.db:
+        setup.append(("SELECT", address.db))
+    if setup:
+        try:
+            replies = await asyncio.wait_for(asyncio.gather(*link.pipeline(setup)), timeout)
+        except (LinkError, asyncio.TimeoutError) as exc:
+            link.close()
+            raise LinkError(f"Redis setup failed on {address.masked_url()}: {exc!r}") from None
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                link.close()
+                raise LinkError(f"Redis refused AUTH/SELECT on {address.masked_url()}: {reply}")
+    return link

@@ -1,0 +1,231 @@
+"""The event pipeline as the admin layer sees it: :class:`EventService`.
+
+Wires the parts together::
+
+    KeyspaceSource --(db, name, key)--> filters --Event--> Pipeline --> AmqpPublisher --> RabbitMQ
+    (PSUBSCRIBE)                        classes, masks,     |   ^
+                                        own keys            v   | replay
+                                                        FallbackList (Redis list)
+
+and owns what the commands change: the filters, the broker settings, connect/disconnect, and the
+``notify-keyspace-events`` letters Redis must have. ``docs/events.md`` describes the message
+format, the gap marker, the list format and the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import hiredis
+
+from protocol.events import event_class, notify_flags_update, parse_classes
+from protocol.keymask import KeyFilter
+from proxy.config import Config
+from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
+from proxy.events.fallback import FallbackList
+from proxy.events.message import Event, IdSource, gap_event
+from proxy.events.pipeline import Pipeline
+from proxy.events.publisher import AmqpPublisher, BrokerState
+from proxy.events.source import KeyspaceSource
+
+__all__ = ["EventService"]
+
+log = logging.getLogger("proxy.events")
+
+#: Event names whose class verdict is cached; past it the cache starts over (module events can
+#: have any name, so the set of names is not bounded by Redis).
+CLASS_CACHE_LIMIT = 4096
+STOP_GRACE = 5.0  # seconds at shutdown to wait for confirms, then to store the rest
+
+
+class EventService:
+    """Start once, stop once; the admin layer calls the rest from any command."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._ids = IdSource()
+        self.publisher = AmqpPublisher(config, self)  # the service relays on_ready/on_settled
+        self.fallback = FallbackList(config.upstream, config.fallback_key, config.connect_timeout)
+        self.pipeline = Pipeline(config, self.publisher, self.fallback)
+        self.source = KeyspaceSource(config.upstream, config.connect_timeout, self._on_keyspace,
+                                     self._on_gap, self._on_subscribed)
+        self.seen = 0
+        self.filtered = 0
+        self.own_keys = 0
+        self.gaps = 0
+        self.gap_ms = 0
+        self.notify_keyspace_events = ""
+        self.notify_config_error = ""
+        self._flags_task: asyncio.Task[None] | None = None
+        self._set_filters(config)
+
+    # ---- configuration ------------------------------------------------------------------
+
+    def _set_filters(self, config: Config) -> None:
+        self._classes = parse_classes(config.events)
+        self._class_ok: dict[bytes, bool] = {}
+        self._keys = KeyFilter(config.keymasks)
+        self._own_key = config.fallback_key
+        self._own_db = config.upstream.db
+
+    def apply_config(self, config: Config) -> None:
+        """Use ``config`` from now on: filters, exchange, routing key and delivery mode for the
+        next event; broker address, credentials and heartbeat at the next (re)connect."""
+        old = self.config
+        self.config = config
+        self._set_filters(config)
+        self.publisher.reconfigure(config)
+        self.pipeline.config = config
+        if parse_classes(old.events) != self._classes:
+            self._schedule_flags_check()
+
+    # ---- life-cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe to Redis and start the fallback pump; the broker connects on the first event."""
+        await self.pipeline.start()
+        await self.source.start()
+
+    async def stop(self) -> None:
+        """Stop reading Redis, wait (bounded) for confirms, store everything else in the list."""
+        await self.source.stop()
+        grace = min(STOP_GRACE, self.config.shutdown_timeout)
+        self.pipeline.hold_for_shutdown()
+        await self.publisher.settle(grace)
+        await self.publisher.disconnect(final=True)
+        await self.pipeline.stop(grace)
+        if self._flags_task is not None:
+            self._flags_task.cancel()
+        self.fallback.close()
+
+    # ---- commands -----------------------------------------------------------------------------
+
+    async def connect(self, config: Config) -> str:
+        """``key_evt_amqp.connect``: apply ``config`` (already built by the caller), then connect."""
+        self.apply_config(config)
+        if self.publisher.state is BrokerState.READY:
+            raise AmqpCommandError("AMQP CONNECT ERROR: 6")
+        try:
+            await self.publisher.connect_now(config)
+        except BrokerError as exc:
+            raise AmqpCommandError(f"AMQP CONNECT ERROR: {exc.code}") from None
+        return "AMQP CONNECT OK"
+
+    async def disconnect(self) -> str:
+        """``key_evt_amqp.disconnect``: stop publishing until ``connect``. Events keep being stored
+        in the fallback list meanwhile (they are undeliverable, not unwanted) and replay after it."""
+        self.pipeline.hold_for_shutdown()
+        was_connected = await self.publisher.disconnect()
+        if not was_connected:
+            raise AmqpCommandError("AMQP DISCONNECT ERROR: 1")
+        return "AMQP DISCONNECT OK"
+
+    def info(self) -> dict[str, object]:
+        p, s = self.publisher, self.pipeline.stats
+        return {
+            "amqp_state": p.state.value,
+            "amqp_connections": p.connections,
+            "source_state": self.source.state.value,
+            "pipeline_mode": self.pipeline.mode.value,
+            "events_seen": self.seen,
+            "events_filtered": self.filtered,
+            "events_own_keys": self.own_keys,
+            "events_accepted": s["accepted"],
+            "events_published": p.published,
+            "events_confirmed": p.confirmed,
+            "events_nacked": p.nacked,
+            "events_returned": p.returned,
+            "publish_timeouts": p.timeouts,
+            "events_in_flight": p.in_flight,
+            "events_held": len(self.pipeline.hold),
+            "events_to_fallback": s["to_fallback"],
+            "events_replayed": s["replayed"],
+            "events_waiting_for_fallback": len(self.pipeline.spill) + len(self.pipeline.failed_direct),
+            "events_dropped": s["dropped_cap"] + s["dropped_off"] + s["dropped_overflow"],
+            "events_dropped_fallback_full": s["dropped_cap"],
+            "events_dropped_fallback_off": s["dropped_off"],
+            "events_dropped_overflow": s["dropped_overflow"],
+            "fallback_skipped_entries": s["skipped_entries"],
+            "fallback_length": self.fallback.length,
+            "replay_failures": s["replay_failures"],
+            "gaps": self.gaps,
+            "gap_ms_total": self.gap_ms,
+            "source_reconnects": self.source.reconnects,
+            "notify_keyspace_events": self.notify_keyspace_events,
+            "notify_config_error": self.notify_config_error,
+            "last_error": p.last_error or self.pipeline.last_error or self.source.last_error,
+        }
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def _on_keyspace(self, db: int, name: bytes, key: bytes) -> None:
+        # Hot path: every keyspace event Redis publishes.
+        self.seen += 1
+        ok = self._class_ok.get(name)
+        if ok is None:
+            if len(self._class_ok) >= CLASS_CACHE_LIMIT:
+                self._class_ok.clear()
+            ok = self._class_ok[name] = event_class(name) in self._classes
+        if not ok or not self._keys.matches(key):
+            self.filtered += 1
+            return
+        if key == self._own_key and db == self._own_db:
+            self.own_keys += 1
+            return
+        self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key))
+
+    def _on_gap(self, start_ms: int, end_ms: int) -> None:
+        self.gaps += 1
+        self.gap_ms += end_ms - start_ms
+        log.warning("keyspace events between %d and %d (%d ms) are lost: the subscription to Redis "
+                    "was down; a gap marker follows in the stream", start_ms, end_ms, end_ms - start_ms)
+        source = f"{self.config.upstream.host}:{self.config.upstream.port}".encode()
+        self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
+
+    def _on_subscribed(self) -> None:
+        self._schedule_flags_check()
+
+    # ---- publisher callbacks (relayed to the pipeline) -----------------------------------
+
+    def on_ready(self) -> None:
+        self.pipeline.on_ready()
+
+    def on_settled(self, confirmed: list, failed: list) -> None:  # type: ignore[type-arg]
+        self.pipeline.on_settled(confirmed, failed)
+
+    # ---- notify-keyspace-events ------------------------------------------------------------
+
+    def _schedule_flags_check(self) -> None:
+        if self._flags_task is None or self._flags_task.done():
+            self._flags_task = asyncio.get_running_loop().create_task(self._ensure_notify_flags())
+
+    async def _ensure_notify_flags(self) -> None:
+        """Make Redis publish the classes we forward, keeping every letter someone else set."""
+        try:
+            reply = await self.fallback.run([("CONFIG", "GET", "notify-keyspace-events")])
+            if isinstance(reply[0], hiredis.ReplyError) or len(reply[0]) < 2:
+                self._config_refused(f"CONFIG GET refused: {reply[0]}")
+                return
+            current = reply[0][1].decode()
+            self.notify_keyspace_events = current
+            wanted = notify_flags_update(current, self._classes)
+            if wanted is None:
+                self.notify_config_error = ""
+                return
+            (answer,) = await self.fallback.run([("CONFIG", "SET", "notify-keyspace-events", wanted)])
+            if isinstance(answer, hiredis.ReplyError):
+                self._config_refused(f"CONFIG SET notify-keyspace-events {wanted} refused: {answer}")
+                return
+            self.notify_keyspace_events = wanted
+            self.notify_config_error = ""
+            log.info("notify-keyspace-events changed from %r to %r", current, wanted)
+        except LinkError as exc:
+            self._config_refused(f"cannot check notify-keyspace-events: {exc}")
+
+    def _config_refused(self, message: str) -> None:
+        if message != self.notify_config_error:
+            log.warning("%s; events are forwarded only if an operator enabled them "
+                        "(notify-keyspace-events needs E and the selected classes)", message)
+        self.notify_config_error = message
