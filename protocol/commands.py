@@ -15,6 +15,8 @@ import enum
 
 ADMIN_PREFIX = b"key_evt_amqp."
 _PREFIX_LEN = len(ADMIN_PREFIX)
+#: Longer names are never ours (so an unfinished command with a longer name may be relayed).
+MAX_ADMIN_NAME = 64
 
 
 class Effect(enum.Enum):
@@ -59,7 +61,7 @@ _UNCOUNTABLE_CLIENT_SUBCOMMANDS = frozenset({b"reply", b"tracking"})
 def effect_of(args: list[bytes]) -> Effect | None:
     """What the relay must do about this command, or None to relay it blindly."""
     name = args[0].lower()
-    if name[:_PREFIX_LEN] == ADMIN_PREFIX:
+    if name[:_PREFIX_LEN] == ADMIN_PREFIX and len(name) <= MAX_ADMIN_NAME:
         return Effect.ADMIN
     effect = NOTICED.get(name)
     if effect is Effect.CLIENT:

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import enum
 
-from protocol.commands import ADMIN_PREFIX
-
-#: A command name longer than this cannot be one of ours, so a tail needs no more to be judged.
-MAX_ADMIN_NAME = 64
+from protocol.commands import ADMIN_PREFIX, MAX_ADMIN_NAME
 #: The longest header line of a canonical request (`*` or `$`, at most 10 digits, CRLF).
 MAX_HEADER = 13
 _STAR = 42

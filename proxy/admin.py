@@ -135,7 +135,8 @@ class Barrier:
         if self.error:
             self.client.barrier_done(replies.error(self.error), close=self.args is None)
             return
-        if not probe_reply.startswith(b"-ERR"):
+        if not probe_reply.startswith(b"-ERR Unknown option"):
+            # Anything but "unknown option" means CONFIG SET was not even tried: refuse.
             self.client.barrier_done(self._refusal(probe_reply))
             return
         assert self.args is not None

@@ -53,6 +53,19 @@ DISCONNECT_GRACE = 2.0  # seconds `disconnect` waits for confirms before closing
 InFlight = tuple[Event, Any, int]  # (event, batch, index): the sink's own bookkeeping
 
 
+class _QuietReconnects(logging.Filter):
+    """aiormq logs every failed connection attempt as an error; we report them ourselves, once
+    per distinct reason (``last_error`` in ``key_evt_amqp.info``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("error when creating transport",
+                                               "Unexpected connection close from remote",
+                                               "Cancelling cause reader exited abnormally"))
+
+
+logging.getLogger("aiormq.connection").addFilter(_QuietReconnects())
+
+
 class BrokerState(enum.Enum):
     IDLE = "idle"  # enabled, not connected: connects on the first event (lazy, as the module)
     CONNECTING = "connecting"
@@ -296,6 +309,9 @@ class AmqpPublisher:
         except (AMQPError, OSError) as exc:
             await self._discard(conn, transports)
             raise BrokerError(BrokerError.REFUSED, f"cannot reach {where}: {exc!r}") from None
+        except asyncio.CancelledError:  # `connect` took over, or shutdown
+            transports.abort()
+            raise
         try:
             channel = _PublishChannel(conn, CHANNEL, publisher_confirms=True, frame_buffer=1000,
                                       on_return_raises=False)
@@ -305,6 +321,9 @@ class AmqpPublisher:
         except (AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
             await self._discard(conn, transports)
             raise BrokerError(BrokerError.CHANNEL_FAILED, f"channel open failed on {where}: {exc!r}") from None
+        except asyncio.CancelledError:
+            transports.abort()
+            raise
         self._conn, self._transports = conn, transports
         self._frame_max = conn.connection_tune.frame_max or 131072
         self._encoder = self._make_encoder()
@@ -349,11 +368,14 @@ class AmqpPublisher:
 
     def _drop(self, reason: str, abort: bool = True) -> None:
         """Forget the current connection: everything in flight fails; the socket is aborted
-        unless ``abort`` is False (the caller then closes the connection itself)."""
+        unless ``abort`` is False (a close on purpose: the caller closes the connection itself)."""
         conn, transports = self._conn, self._transports
         if conn is None:
             return
-        self._note_error(reason)
+        if abort:
+            self._note_error(reason)
+        else:
+            log.info("amqp: %s (%d message(s) unconfirmed go to the fallback list)", reason, len(self._pending))
         self._conn = self._transports = self._encoder = None
         self._out.clear()
         if abort:

@@ -15,6 +15,7 @@ format, the gap marker, the list format and the guarantees.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -74,6 +75,9 @@ class EventService:
         """Use ``config`` from now on: filters, exchange, routing key and delivery mode for the
         next event; broker address, credentials and heartbeat at the next (re)connect."""
         old = self.config
+        if (old.fallback_key, old.upstream) != (config.fallback_key, config.upstream):
+            log.warning("a new fallback key or upstream applies at the next start of the proxy")
+            config = dataclasses.replace(config, fallback_key=old.fallback_key, upstream=old.upstream)
         self.config = config
         self._set_filters(config)
         self.publisher.reconfigure(config)

@@ -97,6 +97,11 @@ class KeyspaceSource:
 
     def _on_push(self, reply: Any) -> None:
         # Hot path: one call per keyspace event.
+        if type(reply) is not list:  # an error reply: PSUBSCRIBE refused (ACL without &*), ...
+            self._note_error(f"Redis refused the subscription: {reply}")
+            if self._link is not None:
+                self._link.abort()
+            return
         if reply[0] == b"pmessage":
             channel = reply[2]
             parsed = self._channels.get(channel, False)

@@ -53,54 +53,80 @@ def settle(svc: ServiceThread, count: int, timeout: float = 20.0) -> None:
              timeout, message=f"for {count} confirms")
 
 
+EXPECTED_BY_CLASS = {
+    "g": {"expire", "persist", "rename_from", "rename_to", "del"},
+    "$": {"set", "incrby", "append", "setrange"},
+    "l": {"lpush", "rpush", "lpop"},
+    "s": {"sadd", "srem"},
+    "h": {"hset", "hincrby", "hdel"},
+    "z": {"zadd", "zincr", "zrem"},
+    "t": {"xadd"},
+    "x": {"expired"},
+    "e": {"evicted"},
+    "m": {"keymiss"},
+    "n": {"new"},
+}
+
+
+def produce_every_event(rds: redis.Redis) -> None:
+    """Commands that make Redis publish every event of EXPECTED_BY_CLASS (and a few more)."""
+    rds.flushall()
+    rds.set("s1", "1")                                 # set (+ new)
+    rds.incr("n1")                                     # incrby
+    rds.append("s1", "x")                              # append
+    rds.setrange("s1", 0, "y")                         # setrange
+    rds.expire("s1", 100)                              # expire
+    rds.persist("s1")                                  # persist
+    rds.rename("s1", "s2")                             # rename_from, rename_to
+    rds.delete("s2")                                   # del
+    rds.lpush("l1", "a", "b")                          # lpush
+    rds.rpush("l1", "c")                               # rpush
+    rds.lpop("l1")                                     # lpop
+    rds.sadd("set1", "a", "b")                         # sadd
+    rds.srem("set1", "a")                              # srem
+    rds.hset("h1", "f", "1")                           # hset
+    rds.hincrby("h1", "f", 2)                          # hincrby
+    rds.hdel("h1", "f")                                # hdel (+ del)
+    rds.zadd("z1", {"a": 1, "b": 2})                   # zadd
+    rds.zincrby("z1", 2, "a")                          # zincr
+    rds.zrem("z1", "a")                                # zrem
+    rds.xadd("x1", {"f": "v"})                         # xadd
+    rds.get("missing")                                 # keymiss
+    rds.set("short", "v", px=20)                       # set, expire ... expired
+    wait_for(lambda: rds.exists("short") == 0, 5)
+    time.sleep(0.2)
+    rds.set("victim", "v")
+    rds.config_set("maxmemory-policy", "allkeys-random")
+    rds.config_set("maxmemory", 1)
+    with pytest.raises(redis.ResponseError):
+        for i in range(20):                            # evicted, then OOM
+            rds.set(f"fill{i}", "v" * 100)
+    rds.config_set("maxmemory", 0)
+
+
 def test_every_class_letter_and_A(redis_server: RedisServer, rds: redis.Redis, queue: RabbitQueue) -> None:
     config = make_config(redis_server, queue, events="Amn")
     with ServiceThread(config) as svc:
         wait_for(lambda: "E" in svc.info()["notify_keyspace_events"])
-        rds.set("s1", "1")                                 # set (+ new)
-        rds.incr("n1")                                     # incrby
-        rds.append("s1", "x")                              # append
-        rds.setrange("s1", 0, "y")                         # setrange
-        rds.expire("s1", 100)                              # expire
-        rds.persist("s1")                                  # persist
-        rds.rename("s1", "s2")                             # rename_from, rename_to
-        rds.delete("s2")                                   # del
-        rds.lpush("l1", "a", "b")                          # lpush
-        rds.rpush("l1", "c")                               # rpush
-        rds.lpop("l1")                                     # lpop
-        rds.sadd("set1", "a", "b")                         # sadd
-        rds.srem("set1", "a")                              # srem
-        rds.hset("h1", "f", "1")                           # hset
-        rds.hincrby("h1", "f", 2)                          # hincrby
-        rds.hdel("h1", "f")                                # hdel (+ del)
-        rds.zadd("z1", {"a": 1, "b": 2})                   # zadd
-        rds.zincrby("z1", 2, "a")                          # zincr
-        rds.zrem("z1", "a")                                # zrem
-        rds.xadd("x1", {"f": "v"})                         # xadd
-        rds.get("missing")                                 # keymiss
-        rds.set("short", "v", px=30)                       # set, expire ... expired
-        wait_for(lambda: rds.exists("short") == 0 and svc.info()["events_seen"] > 0, 5)
-        time.sleep(0.3)
-        rds.set("victim", "v")
-        rds.config_set("maxmemory-policy", "allkeys-random")
-        rds.config_set("maxmemory", 1)
-        with pytest.raises(redis.ResponseError):
-            for i in range(20):                            # evicted, then OOM
-                rds.set(f"fill{i}", "v" * 100)
-        rds.config_set("maxmemory", 0)
+        produce_every_event(rds)
         time.sleep(0.5)
         messages = queue.drain()
-    names = {m.type for m in messages}
-    expected = {"set", "new", "incrby", "append", "setrange", "expire", "persist", "rename_from", "rename_to",
-                "del", "lpush", "rpush", "lpop", "sadd", "srem", "hset", "hincrby", "hdel", "zadd", "zincr",
-                "zrem", "xadd", "keymiss", "expired", "evicted"}
-    assert expected <= names, expected - names
-    assert {event_class(n.encode()) for n in names} <= parse_classes("Amn")
-    for m in messages:
-        db, name, key = m.body.split(b"\n", 2)
-        assert m.content_type == "text/plain" and m.delivery_mode == 1 and m.app_id == "key-evt-amqp"
-        assert m.headers == {"db": int(db), "event": name.decode()} and m.type == name.decode()
-    assert len({m.message_id for m in messages}) == len(messages)
+        names = {m.type for m in messages}
+        expected = set().union(*EXPECTED_BY_CLASS.values())
+        assert expected <= names, expected - names
+        for m in messages:
+            db, name, key = m.body.split(b"\n", 2)
+            assert m.content_type == "text/plain" and m.delivery_mode == 1 and m.app_id == "key-evt-amqp"
+            assert m.headers == {"db": int(db), "event": name.decode()} and m.type == name.decode()
+        assert len({m.message_id for m in messages}) == len(messages)
+        # each letter alone, switched at runtime (key_evt_amqp.events_set)
+        for letter, names_of_letter in EXPECTED_BY_CLASS.items():
+            svc.apply(dataclasses.replace(config, events=letter))
+            produce_every_event(rds)
+            time.sleep(0.4)
+            got = {m.type for m in queue.drain(idle=0.3)}
+            assert names_of_letter <= got, (letter, names_of_letter - got)
+            assert {event_class(n.encode()) for n in got} == {letter}, (letter, got)
 
 
 def test_other_letters_survive_and_their_events_are_filtered(redis_server: RedisServer, rds: redis.Redis,
@@ -279,3 +305,22 @@ def test_missing_exchange_keeps_events_until_fixed(redis_server: RedisServer, rd
         wait_for(lambda: rds.llen(DEFAULT_FALLBACK_KEY) == 0, 20)
         messages = queue.drain(expected=10)
     assert keys_of(messages) == [f"x{i}".encode() for i in range(10)]
+
+
+def test_config_refused_is_reported_and_events_still_flow(redis_server: RedisServer, rds: redis.Redis,
+                                                          queue: RabbitQueue) -> None:
+    """Managed Redis: CONFIG is not allowed, an operator enabled the letters beforehand."""
+    rds.execute_command("ACL", "SETUSER", "kea-limited", "on", ">limited-pw", "~*", "&*", "+@all", "-config")
+    rds.config_set("notify-keyspace-events", "E$")
+    upstream = RedisAddress(port=redis_server.port, username="kea-limited", password="limited-pw")
+    try:
+        with ServiceThread(make_config(redis_server, queue, events="$", upstream=upstream)) as svc:
+            wait_for(lambda: svc.info()["notify_config_error"] != "")
+            assert "limited-pw" not in svc.info()["notify_config_error"]
+            time.sleep(0.2)
+            rds.set("managed", "v")
+            settle(svc, 1)
+            messages = queue.drain(expected=1)
+    finally:
+        rds.execute_command("ACL", "DELUSER", "kea-limited")
+    assert keys_of(messages) == [b"managed"]
