@@ -13,6 +13,8 @@ from typing import Any
 import uvloop
 
 from protocol import replies
+from proxy.cluster.relay import ClusterClientConnection
+from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
 from proxy.events.errors import AmqpCommandError
 from proxy.events.service import EventService
@@ -76,6 +78,7 @@ class Server:
         self.rejected = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.base_events.Server | None = None
+        self.topology: Topology | None = None  # set at start when the upstream is a cluster
 
     def admit(self, client: ClientConnection) -> bool:
         self.accepted += 1
@@ -96,8 +99,13 @@ class Server:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        factory: Any = ClientConnection
+        if await is_cluster(self.runtime.config):
+            self.topology = Topology(self.runtime.config)
+            await self.topology.start()
+            factory = ClusterClientConnection
         self._listener = await loop.create_server(
-            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
+            lambda: factory(self), host, port, reuse_address=True, backlog=1024
         )
 
     @property
@@ -113,6 +121,8 @@ class Server:
         """Stop listening, stop reading clients, let replies owed finish, then close."""
         if self._listener is not None:
             self._listener.close()
+        if self.topology is not None:
+            self.topology.close()
         for client in list(self.clients):
             client.shut_down()
         deadline = time.monotonic() + timeout

@@ -37,7 +37,7 @@ from itertools import islice
 from proxy.config import Config
 from proxy.events.errors import LinkError
 from proxy.events.fallback import FallbackList
-from proxy.events.message import Event, dump_entry, load_entry
+from proxy.events.message import Event
 from proxy.events.publisher import AmqpPublisher, BrokerState, InFlight
 from proxy.events.ratelog import RateLimitedLog
 
@@ -175,6 +175,8 @@ class Pipeline:
             if batch is None:
                 self.direct_in_flight -= 1
                 self.stats["confirmed_direct"] += 1
+                # the replayer (or the way back to DIRECT) waits for the last direct confirm
+                wake = wake or (self.direct_in_flight == 0 and self.mode is Mode.SPILLING)
             elif batch.abandoned:
                 self.abandoned_outstanding -= 1
             else:
@@ -235,8 +237,15 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 self._wake.set()
+            except Exception:  # a bug must not stop delivery for good: log it and go on
+                log.exception("fallback pump failed; retrying")
+                await asyncio.sleep(RETRY_MAX)
+                self._wake.set()
 
     async def _step(self, replay: bool) -> None:
+        if self.mode is Mode.HOLDING and self.publisher.state in (BrokerState.BACKOFF, BrokerState.DISABLED):
+            # The connection attempt failed: held events are safer in the list than in memory.
+            self._start_spilling(connect=False)
         await self._settle_batches()
         await self._store()
         if replay:
@@ -250,7 +259,7 @@ class Pipeline:
             if cap < 0:
                 self.stats["dropped_off"] += len(events)
             else:
-                self._trimmed(await self.fallback.push([dump_entry(e) for e in events], cap, front=True))
+                self._trimmed(await self.fallback.push(events, cap, front=True))
                 self.stats["to_fallback"] += len(events)
             self.failed_direct = []
         while self.spill:
@@ -258,7 +267,7 @@ class Pipeline:
             if cap < 0:
                 self.stats["dropped_off"] += len(chunk)
             else:
-                self._trimmed(await self.fallback.push([dump_entry(e) for e in chunk], cap))
+                self._trimmed(await self.fallback.push(chunk, cap))
                 self.stats["to_fallback"] += len(chunk)
             for _ in range(len(chunk)):
                 self.spill.popleft()
@@ -315,7 +324,7 @@ class Pipeline:
                 return
             offset = sum(b.n - b.trimmed for b in self.batches)
             count = size
-            entries = await self.fallback.read(offset, count)
+            entries = await self.fallback.read(offset, count, now_ms())
             if publisher.state is not BrokerState.READY or self.mode is not Mode.SPILLING:
                 return  # the broker went away meanwhile: read again later
             if not entries:
@@ -327,14 +336,12 @@ class Pipeline:
                 self.mode = Mode.HOLDING  # the replayer reached the tail
                 return
 
-    def _publish_batch(self, entries: list[bytes]) -> None:
+    def _publish_batch(self, entries: list[Event | None]) -> None:
         batch = ReplayBatch(len(entries))
-        stamp = now_ms()
-        for index, entry in enumerate(entries):
-            event = load_entry(entry, stamp)
+        for index, event in enumerate(entries):
             if event is None:
                 self.stats["skipped_entries"] += 1
-                self._rlog.warn("skip", "fallback list element is not an event, skipped: %r", entry[:80])
+                self._rlog.warn("skip", "a fallback list element is not an event: skipped")
                 continue
             batch.ok[index] = False
             batch.outstanding += 1

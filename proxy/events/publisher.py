@@ -37,6 +37,7 @@ from yarl import URL
 from proxy.config import Config
 from proxy.events.errors import BrokerError
 from proxy.events.message import Event, FrameEncoder
+from proxy.events.ratelog import RateLimitedLog
 
 __all__ = ["AmqpPublisher", "BrokerState", "InFlight"]
 
@@ -165,6 +166,7 @@ class AmqpPublisher:
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._lost: asyncio.Future[None] | None = None
+        self._rlog = RateLimitedLog(log)
 
     # ---- state and capacity ---------------------------------------------------------------
 
@@ -220,7 +222,7 @@ class AmqpPublisher:
             self._transports.writer.transport.write(b"".join(out))
 
     def _on_confirm(self, tag: int, multiple: bool, nack: bool) -> None:
-        if tag < self._first_tag:
+        if tag < self._first_tag or not self._pending:
             return  # belongs to a connection we already gave up
         tag = min(tag, self._first_tag + len(self._pending) - 1)  # never past what we sent
         if not multiple and tag != self._first_tag:
@@ -246,14 +248,17 @@ class AmqpPublisher:
                 confirmed.append((event, batch, index))
         self.confirmed += len(confirmed)
         if failed:
-            self._note_error(f"broker refused {len(failed)} message(s) (nack or unroutable)")
+            self.last_error = "broker refused message(s): nack or unroutable"
+            self._rlog.warn("refused", "amqp: broker refused %d message(s) (nack or unroutable); "
+                            "they go to the fallback list", len(failed))
         self.sink.on_settled(confirmed, failed)
 
     def _on_return(self, message_id: bytes, code: int, text: str) -> None:
         # basic.return comes before the basic.ack of the same message: remember, fail at the ack.
         self._returned_ids.add(message_id)
-        self._note_error(f"message returned by the broker: {code} {text} (no queue bound to "
-                         f"exchange {self.config.exchange!r} with key {self.config.routing_key!r}?)")
+        self.last_error = (f"message returned by the broker: {code} {text} (no queue bound to "
+                           f"exchange {self.config.exchange!r} with key {self.config.routing_key!r}?)")
+        self._rlog.warn("returned", "amqp: %s", self.last_error)
 
     # ---- connection life-cycle ----------------------------------------------------------
 

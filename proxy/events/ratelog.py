@@ -20,7 +20,7 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def warn(self, kind: str, message: str, *args: object) -> None:
+    def warn(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now - self._last.get(kind, -self.interval - 1.0) < self.interval:
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
@@ -30,4 +30,4 @@ class RateLimitedLog:
         if suppressed:
             message += " (%d similar lines suppressed)"
             args = (*args, suppressed)
-        self.logger.warning(message, *args)
+        self.logger.warning(message, *args, exc_info=exc_info)

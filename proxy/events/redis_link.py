@@ -12,6 +12,7 @@ message) goes to ``on_push``. Error replies are values (``hiredis.ReplyError``),
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,12 +21,15 @@ import hiredis
 
 from proxy.config import RedisAddress
 from proxy.events.errors import LinkError
+from proxy.events.ratelog import RateLimitedLog
 
 __all__ = ["RedisLink", "encode_command", "open_link"]
 
 #: A reply may be as large as a key (512 MB in theory); hiredis buffers it. Our commands only read
 #: lists of events and short strings, so this is the limit of one unread reply stream.
 MAX_PENDING_COMMANDS = 100_000  # commands awaiting replies; more is a bug in the caller
+
+_rlog = RateLimitedLog(logging.getLogger("proxy.events.redis"))
 
 
 def encode_command(args: Sequence[bytes | str | int]) -> bytes:
@@ -69,7 +73,10 @@ class RedisLink(asyncio.Protocol):
                     if not waiter.done():
                         waiter.set_result(reply)
                 elif on_push is not None:
-                    on_push(reply)
+                    try:
+                        on_push(reply)
+                    except Exception:  # a bug in one event must not cost the subscription
+                        _rlog.warn("push", "handling a message from Redis failed: %r", reply, exc_info=True)
         except hiredis.ProtocolError as exc:
             self.abort(LinkError(f"bad reply from Redis: {exc}"))
 

@@ -38,7 +38,8 @@ log = logging.getLogger("proxy.events")
 #: Event names whose class verdict is cached; past it the cache starts over (module events can
 #: have any name, so the set of names is not bounded by Redis).
 CLASS_CACHE_LIMIT = 4096
-STOP_GRACE = 5.0  # seconds at shutdown to wait for confirms, then to store the rest
+STOP_CONFIRM_GRACE = 2.0  # seconds at shutdown to wait for outstanding confirms
+STOP_STORE_TIMEOUT = 5.0  # seconds at shutdown to write the unconfirmed events to the list
 
 
 class EventService:
@@ -95,11 +96,10 @@ class EventService:
     async def stop(self) -> None:
         """Stop reading Redis, wait (bounded) for confirms, store everything else in the list."""
         await self.source.stop()
-        grace = min(STOP_GRACE, self.config.shutdown_timeout)
         self.pipeline.hold_for_shutdown()
-        await self.publisher.settle(grace)
+        await self.publisher.settle(min(STOP_CONFIRM_GRACE, self.config.shutdown_timeout))
         await self.publisher.disconnect(final=True)
-        await self.pipeline.stop(grace)
+        await self.pipeline.stop(STOP_STORE_TIMEOUT)
         if self._flags_task is not None:
             self._flags_task.cancel()
         self.fallback.close()

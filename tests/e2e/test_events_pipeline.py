@@ -15,7 +15,7 @@ import redis
 
 from events_runner import ServiceThread
 from harness import RedisServer, free_port, wait_for
-from protocol.events import event_class, parse_classes
+from protocol.events import event_class
 from proxy.config import DEFAULT_FALLBACK_KEY, Config, RedisAddress
 from proxy.events import AmqpCommandError
 from rabbit import Message, RabbitQueue
@@ -178,7 +178,8 @@ def test_key_masks_like_the_module(redis_server: RedisServer, rds: redis.Redis, 
 
 
 def test_binary_keys_dbs_and_properties(redis_server: RedisServer, rds: redis.Redis, queue: RabbitQueue) -> None:
-    keys = [b"a\nb", b"nul\x00tail", b"\xff\xfe", b"", b"\xe2\x82\xac", b"k" * 1000]
+    # the last key is larger than RabbitMQ's frame_max (131072): the body spans several frames
+    keys = [b"a\nb", b"nul\x00tail", b"\xff\xfe", b"", b"\xe2\x82\xac", b"k" * 1000, bytes(range(256)) * 1200]
     with ServiceThread(make_config(redis_server, queue, events="$", delivery_mode=2)) as svc:
         wait_for(lambda: "$" in svc.info()["notify_keyspace_events"])
         for key in keys:
@@ -324,3 +325,17 @@ def test_config_refused_is_reported_and_events_still_flow(redis_server: RedisSer
     finally:
         rds.execute_command("ACL", "DELUSER", "kea-limited")
     assert keys_of(messages) == [b"managed"]
+
+
+def test_backlog_left_by_the_module_is_replayed_at_start(redis_server: RedisServer, rds: redis.Redis,
+                                                         queue: RabbitQueue) -> None:
+    """A drop-in replacement finds the module's list (plain bodies) and delivers it first."""
+    rds.rpush(DEFAULT_FALLBACK_KEY, b"0\nset\nold1", b"injected payload", b"2\nlpush\nold2")
+    with ServiceThread(make_config(redis_server, queue, events="$")) as svc:
+        wait_for(lambda: rds.llen(DEFAULT_FALLBACK_KEY) == 0, 10)  # no event needed: a backlog connects
+        rds.set("new", "v")
+        settle(svc, 3)
+        messages = queue.drain(expected=3)
+        assert svc.info()["fallback_skipped_entries"] == 1
+    assert [m.body for m in messages] == [b"0\nset\nold1", b"2\nlpush\nold2", b"0\nset\nnew"]
+    assert messages[0].message_id.startswith("legacy-") and messages[1].headers == {"db": 2, "event": "lpush"}

@@ -57,15 +57,16 @@ class FakeList:
         self.items: list[bytes] = []
         self.length = 0
 
-    async def push(self, entries: Sequence[bytes], cap: int, *, front: bool = False) -> int:
+    async def push(self, events: Sequence[Event], cap: int, *, front: bool = False) -> int:
+        entries = [dump_entry(e) for e in events]
         self.items = list(entries) + self.items if front else self.items + list(entries)
         dropped = max(0, len(self.items) - cap) if cap > 0 else 0
         del self.items[:dropped]
         self.length = len(self.items)
         return dropped
 
-    async def read(self, offset: int, count: int) -> list[bytes]:
-        return self.items[offset:offset + count]
+    async def read(self, offset: int, count: int, now_ms: int) -> list[Event | None]:
+        return [load_entry(e, now_ms) for e in self.items[offset:offset + count]]
 
     async def remove(self, count: int) -> None:
         del self.items[:max(0, count)]

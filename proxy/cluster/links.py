@@ -1,0 +1,171 @@
+"""One client's connection to one cluster node, and the bookkeeping of what is in flight on it.
+
+A :class:`Place` is one client command's place in that client's reply order; a :class:`Sent` is
+one command written to one node and owed a reply there. Replies come back on each node in the
+order commands were written, so each :class:`NodeLink` keeps its ``Sent`` in a FIFO and gives
+every frame to the head one. What to do with a reply is the client's business (:mod:`.relay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from protocol import NEED_DATA
+from protocol.reply_scan import Frame, ReplyError, ReplyScanner
+
+if TYPE_CHECKING:
+    from proxy.cluster.relay import ClusterClientConnection
+    from proxy.cluster.topology import Address
+
+Merge = Callable[[list[bytes]], bytes]
+
+
+class Tx(enum.Enum):
+    """Where a transaction stands, and so where the next commands go."""
+
+    NONE = "none"
+    WATCHING = "watching"  # WATCH pinned a node, no MULTI yet
+    QUEUED = "queued"  # MULTI seen, no key yet: commands are held until one names a slot
+    PINNED = "pinned"  # inside MULTI, on ``tx_link``
+
+
+class Place:
+    """A client command's place in the reply order: done once ``reply`` is set.
+
+    A split command fills ``parts`` and ``merge`` makes the reply of them. A pub/sub place is a
+    ``stream``: it takes every later frame of its node and never ends.
+    """
+
+    __slots__ = ("reply", "parts", "missing", "merge", "close_after", "stream")
+
+    def __init__(self, reply: bytes | None = None) -> None:
+        self.reply = reply
+        self.parts: list[bytes] | None = None
+        self.missing = 0
+        self.merge: Merge | None = None
+        self.close_after = False
+        self.stream: list[bytes] | None = None
+
+    def split(self, count: int, merge: Merge) -> None:
+        self.parts = [b""] * count
+        self.missing = count
+        self.merge = merge
+
+    def fill(self, part: int, raw: bytes) -> None:
+        if part < 0:
+            self.reply = raw
+            return
+        assert self.parts is not None and self.merge is not None
+        self.parts[part] = raw
+        self.missing -= 1
+        if self.missing == 0:
+            self.reply = self.merge(self.parts)
+
+
+class Sent:
+    """A command written to a node: its bytes (to resend after MOVED/ASK) and where its reply goes.
+
+    ``callback`` replaces ``place`` for the relay's own commands (ASKING, replays, probes).
+    """
+
+    __slots__ = ("data", "place", "part", "slot", "redirects", "callback", "follow")
+
+    def __init__(self, data: bytes, place: Place | None, part: int = -1, slot: int = -1,
+                 callback: Callable[[Frame], None] | None = None, follow: bool = True) -> None:
+        self.data = data
+        self.place = place
+        self.part = part
+        self.slot = slot  # the key slot it was routed by; -1 for keyless
+        self.redirects = 0
+        self.callback = callback
+        self.follow = follow  # False inside MULTI: MOVED/ASK reach the client
+
+
+class NodeLink(asyncio.Protocol):
+    """The connection from one client's relay to one node. Writes are buffered until connected."""
+
+    def __init__(self, client: ClusterClientConnection, address: Address) -> None:
+        self.client = client
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.inflight: deque[Sent] = deque()
+        self.streaming: Place | None = None  # pub/sub: every frame goes to this place
+        self._scanner = ReplyScanner()
+        self._early: list[bytes] = []  # written, not yet drained (or the connection not open yet)
+        self.closed = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def send(self, sent: Sent) -> None:
+        self.inflight.append(sent)
+        self.write(sent.data)
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; it goes out at :meth:`drain` (the client drains after each batch, so a
+        pipeline costs one write per node, not one per command)."""
+        if not self._early:
+            self.client.dirty.append(self)
+        self._early.append(data)
+
+    def drain(self) -> None:
+        if self.transport is not None and self._early:
+            self.transport.write(b"".join(self._early))
+            self._early = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=self.client.server.buffer_limit)  # type: ignore[union-attr]
+        if self._early:
+            self.transport.write(b"".join(self._early))  # type: ignore[union-attr]
+            self._early = []
+        if self.client.writes_paused:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        scanner = self._scanner
+        scanner.feed(data)
+        client = self.client
+        try:
+            while (frame := scanner.next_frame()) is not NEED_DATA:
+                if self.streaming is not None:
+                    client.streamed(self, frame.raw)
+                elif frame.push:
+                    client.pushed(frame.raw)
+                elif self.inflight:
+                    client.answered(self, self.inflight.popleft(), frame)
+                # else: a reply to nothing (never from a sound Redis): dropped
+        except ReplyError as exc:
+            client.link_failed(self, str(exc))
+            return
+        client.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closed:
+            self.closed = True
+            self.client.link_failed(self, "connection lost")
+
+    def pause_writing(self) -> None:
+        self.client.link_full(self, True)
+
+    def resume_writing(self) -> None:
+        self.client.link_full(self, False)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()

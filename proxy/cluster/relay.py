@@ -1,0 +1,368 @@
+"""A client that believes it talks to one Redis, in front of a Redis Cluster.
+
+Each client command is parsed (hiredis), routed by the slot of its keys to the master owning it,
+over this client's own connection to that node (:class:`~.links.NodeLink`, opened on first use;
+the AUTH / HELLO / CLIENT SETNAME the client sent are replayed on it first). Replies are framed
+per node (:mod:`protocol.reply_scan`) and written to the client in command order: every command
+gets a :class:`~.links.Place` in ``_order``, and the head of it goes out as soon as it is done.
+
+Redirections never reach the client: ``MOVED`` patches the map, asks for a refresh and resends;
+``ASK`` sends ``ASKING`` and the command to the node named; ``TRYAGAIN`` (a multi-key command
+during a migration) resends after a short pause. Inside ``MULTI`` they are passed on: the
+transaction is pinned to one node, and Redis aborts it, as it would for a cluster client.
+
+Which command goes where is :mod:`.routes`; this module is the per-client state machine.
+
+Limits: at most ``MAX_ORDER`` commands waiting for their reply (client reading pauses above it,
+resumes at half); a pub/sub stream holds at most ``server.buffer_limit`` bytes before the node's
+reading pauses; every node link pauses the client when its write buffer is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import hiredis
+
+from protocol import NEED_DATA, ProtocolError, RequestParser, replies
+from protocol.reply_scan import Frame
+from protocol.slots import key_slot
+from proxy.cluster import routes
+from proxy.cluster.links import NodeLink, Place, Sent, Tx
+from proxy.cluster.topology import Address, parse_address
+
+if TYPE_CHECKING:
+    from proxy.server import Server
+
+log = logging.getLogger("key_evt_amqp.cluster")
+
+MAX_ORDER = 10_000
+MAX_REDIRECTS = 5
+TRYAGAIN_DELAY = 0.05  # seconds
+CROSSSLOT = replies.error("CROSSSLOT Keys in request don't hash to the same slot")
+
+
+class ClusterClientConnection(asyncio.Protocol):
+    """Same constructor as :class:`proxy.relay.ClientConnection`: ``ClusterClientConnection(server)``."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.topology = server.topology
+        self.transport: asyncio.Transport | None = None
+        self.links: dict[Address, NodeLink] = {}
+        self.session: dict[bytes, bytes] = {}  # AUTH, HELLO, CLIENT SETNAME...: replayed per link
+        self.resp3 = False
+        self.tx = Tx.NONE
+        self.tx_slot = -1
+        self.tx_link: NodeLink | None = None
+        self.tx_held: list[Sent] = []
+        self.tx_aborted = False
+        self.streaming: NodeLink | None = None  # subscribed: everything goes to this node
+        self.writes_paused = False
+        self.dirty: list[NodeLink] = []  # links with writes queued: drained by flush()
+        self.closing = False
+        self._order: deque[Place] = deque()
+        self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
+        self._inline: RequestParser | None = None
+        self._seen_input = False
+        self._full_links: set[NodeLink] = set()
+        self._reading = True
+        self._shutting = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=self.server.buffer_limit)  # type: ignore[union-attr]
+        if not self.server.admit(self):
+            self._close_with("ERR max number of clients reached")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.forget(self)
+        for link in list(self.links.values()):
+            link.close()
+        self.links.clear()
+
+    def shut_down(self) -> None:
+        """Read no more; close once every reply owed is written (the server bounds the wait)."""
+        self._shutting = True
+        self._set_reading()
+        if not self._order:
+            self._close_with(None)
+
+    def _close_with(self, message: str | None) -> None:
+        self.closing = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if message is not None:
+                transport.write(replies.error(message))
+            transport.close()
+
+    # -- client -> nodes -----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self._inline is not None or (not self._seen_input and data[:1] != b"*"):
+            self._inline_received(data)
+            return
+        self._seen_input = True
+        reader = self._commands
+        reader.feed(data)
+        try:
+            while (command := reader.gets()) is not NEED_DATA:
+                if command.__class__ is list and command and command[0].__class__ is bytes:
+                    self.command(command)
+                elif command is not None and command != []:
+                    raise hiredis.ProtocolError("not a multibulk of bulk strings")
+                if self.closing:
+                    return
+        except hiredis.ProtocolError:
+            self._order_local(replies.error("ERR Protocol error: invalid multibulk request")).close_after = True
+        self.flush()
+
+    def _inline_received(self, data: bytes) -> None:
+        """Inline commands (telnet): the exact parser, for the rest of the connection."""
+        self._seen_input = True
+        if self._inline is None:
+            self._inline = RequestParser()
+        self._inline.feed(data)
+        try:
+            while (request := self._inline.next_request()) is not NEED_DATA and not self.closing:
+                self.command(list(request.args))
+        except ProtocolError as exc:
+            self._order_local(exc.reply).close_after = True
+        self.flush()
+
+    def command(self, args: list[bytes]) -> None:
+        """Route one client command (``args[0]`` its name, as sent)."""
+        if self.streaming is not None:
+            self.streaming.write(routes.encode(args))  # subscribed: a plain pipe to that node
+            return
+        routes.dispatch(self, args)
+
+    # -- the places where replies go -----------------------------------------------------------
+
+    def place(self) -> Place:
+        place = Place()
+        self._order.append(place)
+        if len(self._order) > MAX_ORDER:
+            self._set_reading()
+        return place
+
+    def _order_local(self, reply: bytes) -> Place:
+        place = self.place()
+        place.reply = reply
+        return place
+
+    def reply_local(self, reply: bytes) -> None:
+        self._order_local(reply)
+
+    def close_after_last(self) -> None:
+        """Close the connection once the last reply placed so far is written (QUIT)."""
+        self._order[-1].close_after = True
+
+    def flush(self) -> None:
+        """Send what is queued for the nodes; write every finished reply at the head of the order."""
+        if self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for link in dirty:
+                link.drain()
+        order = self._order
+        if not order or order[0].reply is None and order[0].stream is None:
+            return
+        out = []
+        close = False
+        while order:
+            head = order[0]
+            if head.stream is not None:
+                out += head.stream
+                head.stream.clear()
+                if self.streaming is not None:
+                    self.streaming.resume_reading()
+                break
+            if head.reply is None:
+                break
+            out.append(head.reply)
+            order.popleft()
+            if head.close_after:
+                close = True
+                break
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(out))
+        if close or (self._shutting and not order):
+            self._close_with(None)
+        elif not self._reading and len(order) <= MAX_ORDER // 2:
+            self._set_reading()
+
+    # -- nodes -> client -----------------------------------------------------------------------
+
+    def answered(self, link: NodeLink, sent: Sent, frame: Frame) -> None:
+        """A node's reply to ``sent``: follow a redirection, or put it in its place."""
+        if frame.error and sent.follow and sent.redirects < MAX_REDIRECTS:
+            text = frame.error_text
+            if text[:6] == b"MOVED " or text[:4] == b"ASK " or text[:9] == b"TRYAGAIN ":
+                if self._redirect(sent, text):
+                    return
+        if sent.callback is not None:
+            sent.callback(frame)
+        elif sent.place is not None:
+            sent.place.fill(sent.part, frame.raw)
+
+    def _redirect(self, sent: Sent, text: bytes) -> bool:
+        sent.redirects += 1
+        parts = text.split(b" ")
+        if parts[0] == b"TRYAGAIN":
+            asyncio.get_running_loop().call_later(TRYAGAIN_DELAY, self._resend, sent)
+            return True
+        if len(parts) != 3:
+            return False
+        try:
+            slot, address = int(parts[1]), parse_address(parts[2])
+        except ValueError:
+            return False
+        if parts[0] == b"MOVED":
+            self.topology.moved(slot, address)
+            self.link(address).send(sent)
+        else:
+            target = self.link(address)
+            target.send(Sent(routes.ASKING, None, callback=_ignore))
+            target.send(sent)
+        return True
+
+    def _resend(self, sent: Sent) -> None:
+        if self.closing:
+            return
+        address = self.topology.owner(sent.slot) if sent.slot >= 0 else None
+        self.link(address or self.home()).send(sent)
+        self.flush()
+
+    def pushed(self, raw: bytes) -> None:
+        """A RESP3 push outside pub/sub (tracking, ...): out of band, written at once."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(raw)
+
+    def streamed(self, link: NodeLink, raw: bytes) -> None:
+        place = link.streaming
+        assert place is not None and place.stream is not None
+        place.stream.append(raw)
+        if sum(map(len, place.stream)) > self.server.buffer_limit:
+            link.pause_reading()  # resumed by flush() once the stream is at the head
+
+    # -- node links ----------------------------------------------------------------------------
+
+    def home(self) -> Address:
+        """Where keyless commands go: the first master (or the seed, before any map)."""
+        slot_map = self.topology.map
+        return slot_map.masters[0] if slot_map is not None else self.topology.seeds[0]
+
+    def masters(self) -> tuple[Address, ...]:
+        slot_map = self.topology.map
+        return slot_map.masters if slot_map is not None else self.topology.seeds
+
+    def link(self, address: Address) -> NodeLink:
+        link = self.links.get(address)
+        if link is None:
+            link = self.links[address] = NodeLink(self, address)
+            for command in self.session.values():
+                link.send(Sent(command, None, callback=_ignore))
+            self.server.spawn(self._connect(link))
+        return link
+
+    def link_for_slot(self, slot: int) -> NodeLink:
+        return self.link(self.topology.owner(slot) or self.home())
+
+    async def _connect(self, link: NodeLink) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: link, link.address[0], link.address[1]),
+                timeout=self.server.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+            self.link_failed(link, f"cannot connect ({reason})")
+            return
+        if self.closing:
+            link.close()
+
+    def link_failed(self, link: NodeLink, reason: str) -> None:
+        """The node is gone: what was in flight there fails (the client stays), the map is checked."""
+        if self.links.get(link.address) is link:
+            del self.links[link.address]
+        link.close()
+        if self.closing:
+            return
+        log.info("node %s: %s", link.name, reason)
+        self.topology.refresh_soon()
+        error = replies.error(f"ERR key-evt-amqp: lost the connection to Redis node {link.name} ({reason})")
+        inflight, link.inflight = link.inflight, deque()
+        for sent in inflight:
+            self.answered(link, sent, Frame(error, error=True))
+        if link is self.streaming or link is self.tx_link:
+            # Its state (subscriptions, MULTI, WATCH) died with it: so does the client's.
+            self._order_local(error).close_after = True
+        self.flush()
+
+    # -- flow control --------------------------------------------------------------------------
+
+    def _set_reading(self) -> None:
+        want = not (self._shutting or self._full_links or len(self._order) > MAX_ORDER)
+        transport = self.transport
+        if transport is None or transport.is_closing() or want == self._reading:
+            return
+        self._reading = want
+        if want:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def link_full(self, link: NodeLink, full: bool) -> None:
+        if full:
+            self._full_links.add(link)
+        else:
+            self._full_links.discard(link)
+        self._set_reading()
+
+    def pause_writing(self) -> None:
+        self.writes_paused = True
+        for link in self.links.values():
+            link.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writes_paused = False
+        self.dirty: list[NodeLink] = []  # links with writes queued: drained by flush()
+        for link in self.links.values():
+            link.resume_reading()
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def tx_reset(self) -> None:
+        self.tx, self.tx_slot, self.tx_link, self.tx_held, self.tx_aborted = Tx.NONE, -1, None, [], False
+
+    def pin(self, slot: int) -> NodeLink:
+        """The transaction's node, from its first key: held commands go out first."""
+        link = self.tx_link = self.link_for_slot(slot) if slot >= 0 else self.link(self.home())
+        self.tx_slot = slot
+        for sent in self.tx_held:
+            link.send(sent)
+        self.tx_held = []
+        return link
+
+
+def _ignore(frame: Frame) -> None:
+    """The reply to one of the relay's own commands (ASKING, a replayed AUTH): not the client's."""
+
+
+def slot_of(keys: list[bytes]) -> int:
+    """The one slot of ``keys``, or -1 when they span several."""
+    slot = key_slot(keys[0])
+    for key in keys[1:]:
+        if key_slot(key) != slot:
+            return -1
+    return slot
