@@ -17,7 +17,6 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
@@ -29,7 +28,7 @@ services:
 
 run: deps services
 	$(PY) -m proxy serve --upstream redis://$(REDIS_HOST):$(REDIS_PORT)/0 \
-		--amqp amqp://guest:guest@$(AMQP_HOST):$(AMQP_PORT)/ $(ARGS)
+		--amqp amqp://$(AMQP_HOST):$(AMQP_PORT)/ $(ARGS)
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

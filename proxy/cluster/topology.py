@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import hiredis
@@ -45,12 +46,17 @@ class SlotMap:
     owners: tuple[Address | None, ...]  # index: slot
     masters: tuple[Address, ...]  # in the order of the first slot each owns (stable for SCAN)
     replicas: tuple[Address, ...]
+    ids: tuple[tuple[Address, str], ...] = ()  # node ids as CLUSTER SLOTS gave them
+
+    def node_id(self, address: Address) -> str:
+        return next((i for a, i in self.ids if a == address), "")
 
     @classmethod
     def from_cluster_slots(cls, reply: list[list[object]]) -> SlotMap:
         owners: list[Address | None] = [None] * SLOTS
         first_slot: dict[Address, int] = {}
         replicas: list[Address] = []
+        ids: dict[Address, str] = {}
         for entry in reply:
             start, end, master, *others = entry
             address = _address(master)  # type: ignore[arg-type]
@@ -58,8 +64,11 @@ class SlotMap:
                 owners[slot] = address
             first_slot[address] = min(first_slot.get(address, SLOTS), int(start))  # type: ignore[call-overload]
             replicas += [_address(node) for node in others]  # type: ignore[arg-type]
+            for node in (master, *others):
+                if len(node) > 2 and isinstance(node[2], bytes):  # type: ignore[arg-type]
+                    ids[_address(node)] = node[2].decode()  # type: ignore[index]
         masters = tuple(sorted(first_slot, key=first_slot.__getitem__))
-        return cls(tuple(owners), masters, tuple(dict.fromkeys(replicas)))
+        return cls(tuple(owners), masters, tuple(dict.fromkeys(replicas)), tuple(ids.items()))
 
     @property
     def complete(self) -> bool:
@@ -69,7 +78,7 @@ class SlotMap:
         owners = list(self.owners)
         owners[slot] = address
         masters = self.masters if address in self.masters else (*self.masters, address)
-        return SlotMap(tuple(owners), masters, self.replicas)
+        return SlotMap(tuple(owners), masters, self.replicas, self.ids)
 
 
 def _address(node: list[object]) -> Address:
@@ -144,6 +153,8 @@ class Topology:
         self._wanted = asyncio.Event()
         self._last = 0.0
         self._task: asyncio.Task[None] | None = None
+        #: called (no arguments) after every refresh that changed the map (the event sources)
+        self.listeners: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         """The first map (retried in the background if no seed answers yet), then the refresher."""
@@ -202,9 +213,13 @@ class Topology:
             if not slot_map.complete:
                 failures.append(f"{address[0]}:{address[1]}: slots not all covered")
                 continue
+            changed = self.map is None or slot_map != self.map
             if self.map is None or slot_map.owners != self.map.owners:
                 log.info("cluster map: masters %s", ", ".join(f"{h}:{p}" for h, p in slot_map.masters))
             self.map = slot_map
             self.refreshes += 1
+            if changed:
+                for listener in list(self.listeners):
+                    listener()
             return
         raise TopologyError("no cluster node gave a slot map: " + "; ".join(failures))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
@@ -42,10 +42,16 @@ class FallbackList:
     connection, a length we did not expect) empties the mirror and reads go to Redis again.
     """
 
-    def __init__(self, address: RedisAddress, key: bytes, connect_timeout: float) -> None:
+    def __init__(self, address: RedisAddress, key: bytes, connect_timeout: float,
+                 locate: Callable[[], RedisAddress] | None = None,
+                 on_moved: Callable[[str], None] | None = None) -> None:
         self.address = address
         self.key = key
         self.connect_timeout = connect_timeout
+        #: cluster mode: where the key's slot lives now (asked before each operation), and who
+        #: hears about a ``MOVED`` (the topology)
+        self.locate = locate
+        self.on_moved = on_moved
         self.length = 0  # as of the last operation
         self.mirror_reads = 0
         self._mirror: deque[Event] = deque()
@@ -53,6 +59,12 @@ class FallbackList:
         self._connecting: asyncio.Lock | None = None
 
     async def _ensure(self) -> RedisLink:
+        if self.locate is not None:
+            address = self.locate()
+            if address != self.address:  # the slot's master changed (failover, migration)
+                self.address = address
+                if self._link is not None:
+                    self._link.close()
         if self._link is not None and not self._link.closed:
             return self._link
         if self._connecting is None:
@@ -78,6 +90,13 @@ class FallbackList:
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 self._mirror.clear()
+                text = str(reply)
+                if text.startswith(("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "READONLY")):
+                    # cluster mode: the slot is elsewhere now; reconnect where the map says
+                    if self._link is not None:
+                        self._link.close()
+                    if self.on_moved is not None:
+                        self.on_moved(text)
                 raise LinkError(f"Redis refused a fallback list command: {reply}")
         return replies
 

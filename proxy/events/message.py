@@ -33,6 +33,7 @@ __all__ = [
     "FrameEncoder",
     "IdSource",
     "dump_entry",
+    "encode_headers",
     "gap_event",
     "load_entry",
 ]
@@ -61,30 +62,44 @@ class Event:
     """One message to deliver: a keyspace event, or a gap marker when ``gap`` is set.
 
     ``gap`` is ``(start_ms, end_ms)``: the time span during which the proxy was not subscribed.
+    ``headers`` are extra string headers (``(name, value)`` pairs: ``node``, ``shard`` in cluster
+    mode), ``extra`` the same pairs already encoded as AMQP table entries (:func:`encode_headers`).
     """
 
-    __slots__ = ("message_id", "timestamp_ms", "db", "name", "body", "gap")
+    __slots__ = ("message_id", "timestamp_ms", "db", "name", "body", "gap", "headers", "extra")
 
     def __init__(self, message_id: bytes, timestamp_ms: int, db: int, name: bytes, body: bytes,
-                 gap: tuple[int, int] | None = None) -> None:
+                 gap: tuple[int, int] | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = (), extra: bytes | None = None) -> None:
         self.message_id = message_id
         self.timestamp_ms = timestamp_ms
         self.db = db
         self.name = name
         self.body = body
         self.gap = gap
+        self.headers = headers
+        self.extra = encode_headers(headers) if extra is None else extra
 
     @classmethod
-    def keyspace(cls, message_id: bytes, timestamp_ms: int, db: int, name: bytes, key: bytes) -> Event:
-        return cls(message_id, timestamp_ms, db, name, encode_body(db, name, key))
+    def keyspace(cls, message_id: bytes, timestamp_ms: int, db: int, name: bytes, key: bytes,
+                 headers: tuple[tuple[bytes, bytes], ...] = (), extra: bytes = b"") -> Event:
+        return cls(message_id, timestamp_ms, db, name, encode_body(db, name, key), None, headers, extra)
 
     def __repr__(self) -> str:
         return f"Event({self.message_id!r}, {self.body[:60]!r}{', gap=%r' % (self.gap,) if self.gap else ''})"
 
 
-def gap_event(message_id: bytes, now_ms: int, start_ms: int, end_ms: int, source: bytes) -> Event:
+def gap_event(message_id: bytes, now_ms: int, start_ms: int, end_ms: int, source: bytes,
+              headers: tuple[tuple[bytes, bytes], ...] = ()) -> Event:
     """The marker published after the subscription to Redis was down from ``start_ms`` to ``end_ms``."""
-    return Event(message_id, now_ms, -1, GAP_TYPE, b"-1\n" + GAP_TYPE + b"\n" + source, (start_ms, end_ms))
+    return Event(message_id, now_ms, -1, GAP_TYPE, b"-1\n" + GAP_TYPE + b"\n" + source, (start_ms, end_ms),
+                 headers)
+
+
+def encode_headers(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """``((b"node", b"10.0.0.1:7000"),)`` as AMQP field-table entries (long strings)."""
+    return b"".join(bytes((len(name),)) + name + b"S" + _pack_u32(len(value)) + value
+                    for name, value in headers)
 
 
 class IdSource:
@@ -131,6 +146,8 @@ class FrameEncoder:
         else:
             start, end = event.gap
             table = b"\x0cgap_start_msl" + _pack_i64(start) + b"\x0agap_end_msl" + _pack_i64(end)
+        if event.extra:
+            table += event.extra
         mid = event.message_id
         name = event.name[:255]
         props = b"".join((
@@ -154,6 +171,8 @@ def dump_entry(event: Event) -> bytes:
     head = b"KEA1 %b %d" % (event.message_id, event.timestamp_ms)
     if event.gap is not None:
         head += b" gap %d %d" % event.gap
+    for name, value in event.headers:
+        head += b" %b=%b" % (name, value)
     return head + b"\n" + event.body
 
 
@@ -169,6 +188,13 @@ def load_entry(entry: bytes, now_ms: int) -> Event | None:
             return None
         fields = entry[len(ENTRY_MAGIC):newline].split(b" ")
         body = entry[newline + 1:]
+        # header fields (``name=value``, cluster mode) follow the fixed ones
+        headers: list[tuple[bytes, bytes]] = []
+        while len(fields) > 2 and b"=" in fields[-1]:
+            name, _, value = fields.pop().partition(b"=")
+            if not name or len(name) > 255:
+                return None
+            headers.insert(0, (name, value))
         try:
             message_id, timestamp_ms = fields[0], int(fields[1])
             gap = (int(fields[3]), int(fields[4])) if len(fields) == 5 and fields[2] == b"gap" else None
@@ -176,6 +202,9 @@ def load_entry(entry: bytes, now_ms: int) -> Event | None:
             return None
         if len(fields) not in (2, 5) or not message_id or len(message_id) > 255:
             return None
+        if headers:
+            return Event(message_id, timestamp_ms, *_split_body(body), gap, tuple(headers)) \
+                if _BODY_FORM.match(body) else None
     else:
         body = entry
         message_id = b"legacy-" + hashlib.sha1(entry).hexdigest()[:24].encode()
@@ -183,5 +212,9 @@ def load_entry(entry: bytes, now_ms: int) -> Event | None:
         gap = None
     if not _BODY_FORM.match(body):
         return None
+    return Event(message_id, timestamp_ms, *_split_body(body), gap)
+
+
+def _split_body(body: bytes) -> tuple[int, bytes, bytes]:
     db_text, name, _ = body.split(b"\n", 2)
-    return Event(message_id, timestamp_ms, int(db_text), name, body, gap)
+    return int(db_text), name, body
