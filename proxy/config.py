@@ -58,7 +58,7 @@ class Config:
     keymasks: tuple[bytes, ...] = ()
 
     # Publisher tuning.
-    publish_window: int = 2000  # messages in flight before the source spills to the fallback
+    publish_window: int = 20_000  # messages in flight (and held while connecting) before spilling to the fallback list
     publish_timeout: float = 5 * SECONDS
     connect_timeout: float = 5 * SECONDS
 

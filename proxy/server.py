@@ -148,6 +148,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
         print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
               f"{exc.strerror}", file=sys.stderr)
         return 1
+    if server.topology is not None:
+        events.use_cluster(server.topology)
     await events.start()
     log.info(
         "key-evt-amqp listening on %s, relaying to %s; events %r with keymasks %s to "

@@ -18,18 +18,23 @@ import asyncio
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import hiredis
 
 from protocol.events import event_class, notify_flags_update, parse_classes
 from protocol.keymask import KeyFilter
-from proxy.config import Config
+from proxy.config import Config, RedisAddress
 from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
 from proxy.events.fallback import FallbackList
 from proxy.events.message import Event, IdSource, gap_event
 from proxy.events.pipeline import Pipeline
 from proxy.events.publisher import AmqpPublisher, BrokerState
 from proxy.events.source import KeyspaceSource
+
+if TYPE_CHECKING:
+    from proxy.cluster.topology import Topology
+    from proxy.events.cluster_source import ClusterSources
 
 __all__ = ["EventService"]
 
@@ -40,6 +45,16 @@ log = logging.getLogger("proxy.events")
 CLASS_CACHE_LIMIT = 4096
 STOP_CONFIRM_GRACE = 2.0  # seconds at shutdown to wait for outstanding confirms
 STOP_STORE_TIMEOUT = 5.0  # seconds at shutdown to write the unconfirmed events to the list
+CLUSTER_FALLBACK_KEY = b"{key_evt_amqp}:fallback"
+
+
+def cluster_fallback_key(key: bytes) -> bytes:
+    """The fallback list's key in cluster mode: ``key`` if it has a hash tag, else the default
+    ``{key_evt_amqp}:fallback`` (one slot, whichever master owns it)."""
+    start = key.find(b"{")
+    if start >= 0 and key.find(b"}", start + 1) > start + 1:
+        return key
+    return CLUSTER_FALLBACK_KEY
 
 
 class EventService:
@@ -61,7 +76,43 @@ class EventService:
         self.notify_keyspace_events = ""
         self.notify_config_error = ""
         self._flags_task: asyncio.Task[None] | None = None
+        self.cluster: ClusterSources | None = None
         self._set_filters(config)
+
+    def use_cluster(self, topology: Topology) -> None:
+        """Cluster mode (before :meth:`start`): a source per master, the fallback list on one slot.
+
+        The list's key gets a hash tag (``{key_evt_amqp}:fallback`` unless the configured key has
+        one) and lives on whichever master owns that slot now (``docs/cluster.md``).
+        """
+        from protocol.slots import key_slot
+        from proxy.events.cluster_source import ClusterSources
+
+        key = cluster_fallback_key(self.config.fallback_key)
+        slot = key_slot(key)
+        upstream = self.config.upstream
+
+        def locate() -> RedisAddress:
+            owner = topology.owner(slot)
+            if owner is None:
+                return dataclasses.replace(upstream, db=0)
+            return RedisAddress(owner[0], owner[1], upstream.username, upstream.password, 0)
+
+        def on_moved(error: str) -> None:
+            parts = error.split()
+            if parts[0] == "MOVED" and len(parts) == 3:
+                host, _, port = parts[2].rpartition(":")
+                topology.moved(int(parts[1]), (host.strip("[]"), int(port)))
+            else:
+                topology.refresh_soon()
+
+        self.fallback.key = key
+        self.fallback.locate = locate
+        self.fallback.on_moved = on_moved
+        self.fallback.address = locate()
+        self.cluster = ClusterSources(self, topology)
+        self.source = self.cluster  # type: ignore[assignment]
+        self._own_key, self._own_db = key, 0
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -69,8 +120,9 @@ class EventService:
         self._classes = parse_classes(config.events)
         self._class_ok: dict[bytes, bool] = {}
         self._keys = KeyFilter(config.keymasks)
-        self._own_key = config.fallback_key
-        self._own_db = config.upstream.db
+        if getattr(self, "cluster", None) is None:
+            self._own_key = config.fallback_key
+            self._own_db = config.upstream.db
 
     def apply_config(self, config: Config) -> None:
         """Use ``config`` from now on: filters, exchange, routing key and delivery mode for the
@@ -131,7 +183,7 @@ class EventService:
         return {
             "amqp_state": p.state.value,
             "amqp_connections": p.connections,
-            "source_state": self.source.state.value,
+            "source_state": self.cluster.state_name if self.cluster else self.source.state.value,
             "pipeline_mode": self.pipeline.mode.value,
             "events_seen": self.seen,
             "events_filtered": self.filtered,
@@ -160,6 +212,7 @@ class EventService:
             "notify_keyspace_events": self.notify_keyspace_events,
             "notify_config_error": self.notify_config_error,
             "last_error": p.last_error or self.pipeline.last_error or self.source.last_error,
+            **(self.cluster.info() if self.cluster is not None else {}),
         }
 
     # ---- events -------------------------------------------------------------------------------
@@ -179,6 +232,44 @@ class EventService:
             self.own_keys += 1
             return
         self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key))
+
+    def on_node_keyspace(self, db: int, name: bytes, key: bytes, headers: tuple[tuple[bytes, bytes], ...],
+                         extra: bytes) -> None:
+        """Cluster mode: one event from one master (``headers``: its ``node`` and ``shard``)."""
+        self.seen += 1
+        ok = self._class_ok.get(name)
+        if ok is None:
+            if len(self._class_ok) >= CLASS_CACHE_LIMIT:
+                self._class_ok.clear()
+            ok = self._class_ok[name] = event_class(name) in self._classes
+        if not ok or not self._keys.matches(key):
+            self.filtered += 1
+            return
+        if key == self._own_key and db == self._own_db:
+            self.own_keys += 1
+            return
+        self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key,
+                                            headers, extra))
+
+    @property
+    def classes(self) -> frozenset[str]:
+        return self._classes  # type: ignore[return-value]
+
+    def publish_gap(self, start_ms: int, end_ms: int, source: bytes,
+                    headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        """Cluster mode: a gap marker for one shard (``headers`` name the shard and its nodes)."""
+        self.gaps += 1
+        self.gap_ms += end_ms - start_ms
+        log.warning("keyspace events of %s between %d and %d (%d ms) may be lost (failover or lost "
+                    "subscription); a gap marker follows in the stream", source.decode(), start_ms,
+                    end_ms, end_ms - start_ms)
+        self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source, headers))
+
+    def cluster_flags_checked(self, summary: str, error: str) -> None:
+        self.notify_keyspace_events = summary
+        if error and error != self.notify_config_error:
+            log.warning("notify-keyspace-events: %s", error)
+        self.notify_config_error = error
 
     def _on_gap(self, start_ms: int, end_ms: int) -> None:
         self.gaps += 1
@@ -202,6 +293,9 @@ class EventService:
     # ---- notify-keyspace-events ------------------------------------------------------------
 
     def _schedule_flags_check(self) -> None:
+        if self.cluster is not None:
+            self.cluster.check_flags_soon()
+            return
         if self._flags_task is None or self._flags_task.done():
             self._flags_task = asyncio.get_running_loop().create_task(self._ensure_notify_flags())
 

@@ -459,7 +459,7 @@ def test_cli_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixtur
         ("--fallback-size", "10000000"),
         ("--fallback-key", "REDIS_MODULE-key_evt_amqp-fallback_storage"), ("--events", "xe"),
         ("--keymask", "none: nothing forwarded"), ("--module-args", "none"),
-        ("--publish-window", "2000"),
+        ("--publish-window", "20000"),
         ("--publish-timeout", "5.0"), ("--connect-timeout", "5.0"), ("--max-clients", "10000"),
         ("--client-buffer-limit", "1048576"), ("--shutdown-timeout", "5.0"),
         ("--log-level", "INFO"),
