@@ -125,7 +125,9 @@ class ClientConnection(asyncio.Protocol):
         self.server.forget(self)
         if self.barrier is not None:
             self.barrier.cancel()
+            self.barrier = None
         if self.upstream is not None:
+            self.upstream.pause_reading()  # its replies have nowhere to go
             self.upstream.close()  # close() flushes what the client sent before it left
 
     def upstream_lost(self) -> None:

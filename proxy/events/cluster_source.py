@@ -292,6 +292,9 @@ class ClusterSources:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._seen_map: SlotMap | None = None
+        self._masters: list[Address] = []
+        self._labels: dict[Address, str] = {}
+        self._first: dict[Address, int] = {}
 
     # ---- the interface of KeyspaceSource, as the service uses it ------------------------------
 
@@ -350,22 +353,37 @@ class ClusterSources:
             await self._reap_retired()
 
     def _reconcile(self) -> None:
+        """Add a source for every master of the map; retire the sources that no longer count.
+
+        A source whose ``ROLE`` still says master is kept even when the map no longer lists it:
+        maps read from a node that has not heard of a failover yet would make a new master's
+        source come and go. It leaves when its ``ROLE`` says ``slave`` (or its connection is lost)
+        and the map names someone else.
+        """
         slot_map = self.topology.map
-        if slot_map is None or self._stopping or slot_map is self._seen_map:
+        if slot_map is None or self._stopping:
             return
-        self._seen_map = slot_map
-        masters = [m for m in slot_map.masters if m in slot_map.owners]
-        for address in masters:
+        if slot_map is not self._seen_map:
+            self._seen_map = slot_map
+            owners = slot_map.owners
+            self._masters = [m for m in slot_map.masters if m in owners]
+            self._labels = {m: shard_label(slot_map, m) for m in self._masters}
+            self._first = {m: owners.index(m) for m in self._masters}
+        for address in self._masters:
             source = self.sources.get(address)
+            if source is not None and source.demoted:  # listed as master again: look again
+                self._retire(address, address)
+                source = None
             if source is None:
                 source = self._add(address)
                 self.check_flags_soon()
-            shard = shard_label(slot_map, address)
+            shard = self._labels[address]
             if shard != source.shard or not source.node_id:
                 source.set_identity(slot_map.node_id(address), shard, address)
-            self.first_slots[address] = slot_map.owners.index(address)
-        for address in [a for a in self.sources if a not in masters]:
-            self._retire(address, slot_map)
+            self.first_slots[address] = self._first[address]
+        for address in [a for a, s in self.sources.items() if a not in self._labels and not s.confirmed]:
+            first = self.first_slots.get(address, -1)
+            self._retire(address, slot_map.owners[first] if first >= 0 else None)
 
     def _add(self, address: Address) -> NodeSource:
         up = self.service.config.upstream
@@ -388,31 +406,30 @@ class ClusterSources:
         asyncio.get_running_loop().create_task(source.start())
         return source
 
-    def _retire(self, address: Address, slot_map: SlotMap) -> None:
+    def _retire(self, address: Address, successor: Address | None) -> None:
+        """Stop reading ``address``; the gap of its shard waits for ``successor``'s confirmation."""
         source = self.sources.pop(address)
-        first = self.first_slots.pop(address, -1)
-        successor = slot_map.owners[first] if first >= 0 else None
-        inherited = self.pending.pop(address, [])
-        if successor is None or successor == address:
-            successor = None
-        start = source.gap_start_ms()
-        log.warning("keyspace source %s dropped: slots %s now on %s", node_name(address), source.shard,
-                    node_name(successor) if successor else "?")
         # stop reading at once; nothing more of this node reaches the pipeline
         source.demoted = True
         if source._link is not None:
             source._link.abort()
         self._retired.append(source)
-        self.switches += 1
-        gaps = inherited if not source.ever_confirmed and inherited else [
-            *inherited, (start, address, source.node_id, source.shard)]
-        if source.dropped or source.ever_confirmed or inherited:
-            if successor is None:
-                return
-            self.pending.setdefault(successor, []).extend(gaps)
-            new = self.sources.get(successor)
-            if new is not None and new.confirmed:
-                self._confirmed(successor)
+        gaps = [] if successor == address else self.pending.pop(address, [])
+        if source.ever_confirmed:
+            gaps.append((source.gap_start_ms(), address, source.node_id, source.shard))
+            self.switches += 1
+            log.warning("keyspace source %s dropped: slots %s now on %s", node_name(address), source.shard,
+                        node_name(successor) if successor else "?")
+        if not gaps:
+            return
+        if successor is None:
+            log.error("slots %s have no master in the map: their gap marker waits", source.shard)
+            self.pending.setdefault(address, []).extend(gaps)
+            return
+        self.pending.setdefault(successor, []).extend(gaps)
+        new = self.sources.get(successor)
+        if new is not None and new.confirmed:
+            self._confirmed(successor)
 
     async def _reap_retired(self) -> None:
         retired, self._retired = self._retired, []
