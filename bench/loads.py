@@ -19,6 +19,8 @@ class LoadError(Exception):
 def parse_csv(text: str) -> dict[str, dict[str, float]]:
     """redis-benchmark ``--csv`` lines -> {"SET": {"rps": ..., "p50_latency_ms": ...}, ...}."""
     rows = [r for r in csv.reader(io.StringIO(text)) if r]
+    while rows and rows[0][:2] != ["test", "rps"] and len(rows[0]) < 3:
+        rows.pop(0)  # `--cluster` prints the masters it found before the CSV
     if not rows or rows[0][:2] != ["test", "rps"]:
         raise LoadError(f"unexpected redis-benchmark output: {text[:300]!r}")
     header = rows[0]

@@ -122,6 +122,10 @@ class Stack:
         raise Unavailable(f"{name} did not answer within {START_TIMEOUT:.0f}s: "
                           f"{service.log_tail()}")
 
+    def start(self, name: str, argv: list[str], port: int) -> Service:
+        """Any server that answers PING on ``port`` once it is up."""
+        return self._start(name, argv, port)
+
     def spawn(self, name: str, argv: list[str], ready) -> Service:
         """A helper process that listens nowhere (port 0); ``ready()`` says when it is up."""
         return self._start(name, argv, 0, ready)
