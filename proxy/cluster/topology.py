@@ -149,6 +149,8 @@ class Topology:
         self.config = config
         self.seeds: tuple[Address, ...] = ((config.upstream.host, config.upstream.port),)
         self.map: SlotMap | None = None
+        #: the last map read whole from a node (``map`` may carry slots patched by ``MOVED``)
+        self.full_map: SlotMap | None = None
         self.refreshes = 0
         self._wanted = asyncio.Event()
         self._last = 0.0
@@ -216,7 +218,7 @@ class Topology:
             changed = self.map is None or slot_map != self.map
             if self.map is None or slot_map.owners != self.map.owners:
                 log.info("cluster map: masters %s", ", ".join(f"{h}:{p}" for h, p in slot_map.masters))
-            self.map = slot_map
+            self.map = self.full_map = slot_map
             self.refreshes += 1
             if changed:
                 for listener in list(self.listeners):

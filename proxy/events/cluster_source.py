@@ -360,7 +360,7 @@ class ClusterSources:
         source come and go. It leaves when its ``ROLE`` says ``slave`` (or its connection is lost)
         and the map names someone else.
         """
-        slot_map = self.topology.map
+        slot_map = self.topology.full_map  # not the MOVED-patched one: shard labels need whole maps
         if slot_map is None or self._stopping:
             return
         if slot_map is not self._seen_map:
@@ -369,6 +369,8 @@ class ClusterSources:
             self._masters = [m for m in slot_map.masters if m in owners]
             self._labels = {m: shard_label(slot_map, m) for m in self._masters}
             self._first = {m: owners.index(m) for m in self._masters}
+            if any(n not in self.notify for n in (*slot_map.masters, *slot_map.replicas)):
+                self.check_flags_soon()  # a node we have not configured yet (a replica that joined)
         for address in self._masters:
             source = self.sources.get(address)
             if source is not None and source.demoted:  # listed as master again: look again
@@ -465,10 +467,13 @@ class ClusterSources:
             except asyncio.TimeoutError:
                 pass
             self._flags_wanted.clear()
-            slot_map = self.topology.map
+            slot_map = self.topology.full_map
             if slot_map is None:
                 continue
             nodes = dict.fromkeys((*slot_map.masters, *slot_map.replicas))
+            for gone in [a for a in (*self.notify, *self.notify_errors) if a not in nodes]:
+                self.notify.pop(gone, None)  # left the map (killed, removed): stop reporting it
+                self.notify_errors.pop(gone, None)
             await asyncio.gather(*(self._ensure_flags(node) for node in nodes), return_exceptions=True)
             error = "; ".join(f"{node_name(a)}: {e}" for a, e in self.notify_errors.items() if e)
             self.service.cluster_flags_checked(self._flags_summary(), error)
@@ -496,9 +501,10 @@ class ClusterSources:
                 log.info("notify-keyspace-events on %s changed from %r to %r", node_name(address), current, wanted)
                 current = wanted
             self.notify[address] = current
-            self.notify_errors[address] = ""
+            self.notify_errors.pop(address, None)
         except (OSError, asyncio.TimeoutError, hiredis.HiredisError) as exc:
             self.notify_errors[address] = f"unreachable: {exc!r}"
+            self.notify.pop(address, None)
 
     # ---- info ----------------------------------------------------------------------------------------
 
@@ -507,6 +513,7 @@ class ClusterSources:
             "cluster_sources": len(self.sources),
             "cluster_sources_subscribed": sum(1 for s in self.sources.values() if s.confirmed),
             "cluster_source_switches": self.switches,
+            "cluster_nodes_notify_ok": sum(1 for a in self.notify if not self.notify_errors.get(a)),
         }
         now = time.time() * 1000
         for i, (address, s) in enumerate(sorted(self.sources.items())):
