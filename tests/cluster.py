@@ -19,6 +19,8 @@ import redis
 from harness import HOST, RedisServer, wait_for
 
 NODE_TIMEOUT_MS = 2000
+#: Lines a test wants in the terminal summary (failover measurements), shown even without ``-s``.
+SUMMARY: list[str] = []
 CREATE_TIMEOUT = 60.0
 
 

@@ -23,7 +23,15 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cluster import SUMMARY  # noqa: E402
 from harness import ProxyProcess, RedisServer, unreachable_amqp_url  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if SUMMARY:
+        terminalreporter.section("cluster failover measurements")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ log = logging.getLogger("proxy.events.cluster")
 
 _Push = hiredis.PushNotification
 IDLE_PROBE = 1.0  # seconds between ROLE probes on an idle subscription
+ROLE_TIMEOUT = 5.0  # seconds without the answer to a ROLE before the connection counts as dead
 RECONNECT_MAX = 1.0  # a master's source retries at least this often
 FAST_POLL = 0.2  # seconds between map refreshes while a shard is not covered
 SLOW_POLL = 1.0  # seconds between map refreshes otherwise
@@ -103,6 +104,7 @@ class NodeSource(KeyspaceSource):
         self.probes = 0
         self._held: list[tuple[int, bytes, bytes]] = []
         self._probe_out = False
+        self._probe_sent = 0.0
 
     def set_identity(self, node_id: str, shard: str, address: Address) -> None:
         self.node_id, self.shard = node_id, shard
@@ -166,6 +168,7 @@ class NodeSource(KeyspaceSource):
         if self._link is None or self._link.closed:
             return
         self._probe_out = True
+        self._probe_sent = time.monotonic()
         self.probes += 1
         self._link.send_unanswered("ROLE")
 
@@ -251,20 +254,17 @@ class NodeSource(KeyspaceSource):
         self.state = SourceState.STOPPED
 
     async def _watch(self, link: RedisLink, lost: asyncio.Future[None]) -> None:
-        """Return when the link is lost; ROLE every second when idle, PING-style liveness."""
-        self._pong_due = False
-        idle_rounds = 0
+        """Return when the link is lost; ``ROLE`` every second when idle, and a ``ROLE`` unanswered
+        for :data:`ROLE_TIMEOUT` seconds counts as a dead node."""
         while not lost.done():
             try:
                 await asyncio.wait_for(asyncio.shield(lost), IDLE_PROBE)
             except asyncio.TimeoutError:
                 if self._probe_out:
-                    idle_rounds += 1
-                    if idle_rounds * IDLE_PROBE >= 5.0:
+                    if time.monotonic() - self._probe_sent >= ROLE_TIMEOUT:
                         link.abort(LinkError("no answer to ROLE from Redis"))
                         return
                     continue
-                idle_rounds = 0
                 try:
                     self._probe()
                 except LinkError:
@@ -285,7 +285,7 @@ class ClusterSources:
         self.notify: dict[Address, str] = {}  # node -> its notify-keyspace-events
         self.notify_errors: dict[Address, str] = {}
         self.switches = 0
-        self.last_error = ""
+        self.dropped_retired = 0  # dropped_unconfirmed of the sources already retired
         self._retired: list[NodeSource] = []
         self._wake = asyncio.Event()
         self._flags_wanted = asyncio.Event()
@@ -297,6 +297,10 @@ class ClusterSources:
         self._first: dict[Address, int] = {}
 
     # ---- the interface of KeyspaceSource, as the service uses it ------------------------------
+
+    @property
+    def last_error(self) -> str:
+        return next((s.last_error for s in self.sources.values() if s.last_error and not s.confirmed), "")
 
     @property
     def reconnects(self) -> int:
@@ -405,7 +409,8 @@ class ClusterSources:
                             self._trouble)
         self.sources[address] = source
         log.info("keyspace source for master %s", node_name(address))
-        asyncio.get_running_loop().create_task(source.start())
+        source._task = asyncio.get_running_loop().create_task(source._run(),
+                                                              name=f"keyspace-source-{address[1]}")
         return source
 
     def _retire(self, address: Address, successor: Address | None) -> None:
@@ -435,6 +440,7 @@ class ClusterSources:
 
     async def _reap_retired(self) -> None:
         retired, self._retired = self._retired, []
+        self.dropped_retired += sum(s.dropped for s in retired)
         if retired:
             await asyncio.gather(*(s.stop() for s in retired), return_exceptions=True)
 
@@ -513,6 +519,8 @@ class ClusterSources:
             "cluster_sources": len(self.sources),
             "cluster_sources_subscribed": sum(1 for s in self.sources.values() if s.confirmed),
             "cluster_source_switches": self.switches,
+            "cluster_events_dropped_unconfirmed": self.dropped_retired + sum(
+                s.dropped for s in (*self.sources.values(), *self._retired)),
             "cluster_nodes_notify_ok": sum(1 for a in self.notify if not self.notify_errors.get(a)),
         }
         now = time.time() * 1000

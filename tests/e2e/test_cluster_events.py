@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from cluster import RedisCluster
+from cluster import SUMMARY, RedisCluster
 from harness import HOST, ProxyProcess, RedisServer, wait_for
 from protocol.slots import key_slot
 from rabbit import Message, RabbitQueue
@@ -226,7 +226,8 @@ def test_failovers_none_twice_holes_marked(cproxy: ProxyProcess, cluster: RedisC
         settled = wait_master(heir)
         delay = resubscribed_ms(admin, f"{HOST}:{heir.port}", settled)
         report.append(("kill -9", victim.port, heir.port, delay))
-        print(f"\nkill -9: replica promoted {settled - killed:.2f}s after the kill (cluster-node-timeout 2s)")
+        SUMMARY.append(f"kill -9: the replica answered ROLE master {settled - killed:.2f}s after the kill "
+                       f"(cluster-node-timeout 2s)")
         time.sleep(1.5)
     finally:
         writer.stop()
@@ -269,15 +270,16 @@ def test_failovers_none_twice_holes_marked(cproxy: ProxyProcess, cluster: RedisC
         assert header(g, "node_id") and header(g, "shard")
     for m in events:
         assert in_ranges(key_slot(key_of(m)), header(m, "shard"))
-    for what, o, n, delay in report:
-        print(f"{what}: {o} -> {n}: proxy subscribed on the new master {delay} ms after it "
-              f"answered ROLE master")
-    for shard, start, end, g in windows:
-        print(f"gap marker shard {shard} {header(g, 'node')} -> {header(g, 'new_node')}: "
-              f"{end - start} ms")
-    print(f"{len(writer.acked)} writes acked ({writer.failed} failed), {len(events)} events, "
-          f"{excused} acked writes lost inside gap windows, 0 duplicates, "
-          f"{final['gaps']} gap markers")
+    lines = [f"{what}: {o} -> {n}: proxy subscribed on the new master {delay} ms after it "
+             f"answered ROLE master" for what, o, n, delay in report]
+    lines += [f"gap marker shard {shard} {header(g, 'node')} -> {header(g, 'new_node')}: {end - start} ms"
+              for shard, start, end, g in windows]
+    lines.append(f"{len(writer.acked)} writes acked ({writer.failed} failed), {len(events)} events, "
+                 f"{excused} acked writes lost inside gap windows, 0 duplicates, "
+                 f"{final['gaps']} gap markers, {final['cluster_events_dropped_unconfirmed']} events "
+                 f"dropped for lack of a ROLE master answer")
+    print("\n" + "\n".join(lines))
+    SUMMARY.extend(lines)
     for line in cproxy.log_text().splitlines():
         if "keyspace source" in line or "may be lost" in line:
             print(line)
