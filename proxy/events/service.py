@@ -218,24 +218,13 @@ class EventService:
     # ---- events -------------------------------------------------------------------------------
 
     def _on_keyspace(self, db: int, name: bytes, key: bytes) -> None:
-        # Hot path: every keyspace event Redis publishes.
-        self.seen += 1
-        ok = self._class_ok.get(name)
-        if ok is None:
-            if len(self._class_ok) >= CLASS_CACHE_LIMIT:
-                self._class_ok.clear()
-            ok = self._class_ok[name] = event_class(name) in self._classes
-        if not ok or not self._keys.matches(key):
-            self.filtered += 1
-            return
-        if key == self._own_key and db == self._own_db:
-            self.own_keys += 1
-            return
-        self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key))
+        # Hot path: every keyspace event Redis publishes (single-node mode: no node headers).
+        self.on_node_keyspace(db, name, key)
 
-    def on_node_keyspace(self, db: int, name: bytes, key: bytes, headers: tuple[tuple[bytes, bytes], ...],
-                         extra: bytes) -> None:
-        """Cluster mode: one event from one master (``headers``: its ``node`` and ``shard``)."""
+    def on_node_keyspace(self, db: int, name: bytes, key: bytes,
+                         headers: tuple[tuple[bytes, bytes], ...] = (), extra: bytes = b"") -> None:
+        """One event (in cluster mode from one master: ``headers`` name its ``node`` and
+        ``shard``): filter it by class, mask and own keys, then hand it to the pipeline."""
         self.seen += 1
         ok = self._class_ok.get(name)
         if ok is None:
