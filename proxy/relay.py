@@ -495,7 +495,25 @@ def _effect(command: object) -> Effect | None:
     return effect_of(command)  # type: ignore[arg-type]
 
 
-class UpstreamConnection(asyncio.Protocol):
+class RedisSide(asyncio.Protocol):
+    """A connection the proxy opened to a Redis node: the pause/resume/close every kind shares."""
+
+    transport: asyncio.Transport | None = None
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamConnection(RedisSide):
     """The Redis side of one client: hands every event to its :class:`ClientConnection`."""
 
     def __init__(self, client: ClientConnection) -> None:
@@ -517,15 +535,3 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.client.upstream_full(False)
-
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()

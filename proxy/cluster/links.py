@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from protocol import NEED_DATA
 from protocol.reply_scan import Frame, ReplyError, ReplyScanner
+from proxy.relay import RedisSide
 
 if TYPE_CHECKING:
     from proxy.cluster.relay import ClusterClientConnection
@@ -85,7 +86,7 @@ class Sent:
         self.follow = follow  # False inside MULTI: MOVED/ASK reach the client
 
 
-class NodeLink(asyncio.Protocol):
+class NodeLink(RedisSide):
     """The connection from one client's relay to one node. Writes are buffered until connected."""
 
     def __init__(self, client: ClusterClientConnection, address: Address) -> None:
@@ -157,15 +158,6 @@ class NodeLink(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.client.link_full(self, False)
 
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
     def close(self) -> None:
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        super().close()
