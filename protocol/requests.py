@@ -29,14 +29,21 @@ Limits, each a security limit on what one client can make us hold:
 
 * ``max_inline`` (64 KiB, Redis's PROTO_INLINE_MAX_SIZE) caps every line: inline requests, ``*``
   and ``$`` headers. A line is refused as soon as more than ``max_inline`` bytes of it are buffered
-  without its terminator. Redis applies that test only to what one ``read()`` happened to leave
-  buffered, so it sometimes accepts a longer line that arrived whole; we always refuse it, so the
-  outcome never depends on how the stream was split, and we never accept what Redis could refuse.
+  without its terminator: that is Redis's own test, which it applies only while no terminator has
+  arrived. So, like Redis, an inline line that arrives whole with its newline is accepted whatever
+  its length (Redis reads 16 KiB at a time, so whether *it* sees the newline in time depends on how
+  the bytes arrive; a proxy that forwards the line lets Redis judge it). A ``*``/``$`` header longer
+  than 20 digits is invalid anyway (``string2ll``), so for headers the verdict is always an error.
 * ``max_bulk`` (512 MiB, proto-max-bulk-len) caps one argument; ``max_multibulk`` (2**31 - 1, INT_MAX
   in 7.0; 6.x used 1024*1024) caps the argument count.
 * The buffer: after :meth:`RequestParser.next_request` returns ``NEED_DATA`` the parser holds at
   most ``max(max_inline + 1, length + 2)`` unconsumed bytes (``length`` of the bulk being read), plus
   the arguments already read for an unfinished request. Consumed bytes are dropped on the next feed.
+* Streaming (``keep`` given): only the arguments ``keep(name)`` asks for are kept; the bodies of the
+  others are counted off as they arrive and never buffered, so a 512 MiB ``SET`` costs the parser
+  nothing. A name longer than ``max_name`` is not looked at (no command of interest is that long).
+  The kept arguments of one request are capped at ``max_kept`` bytes: past that,
+  :class:`KeptTooLong` (a :class:`ProtocolError`) is raised.
 * Not checked here: Redis's "unauthenticated multibulk/bulk length" limits (10 arguments, 16 KiB
   before AUTH). They depend on the connection's auth state, which a parser cannot know; the proxy
   forwards the bytes and Redis enforces them itself.
@@ -52,9 +59,14 @@ What the caller does next::
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from protocol.errors import NEED_DATA, NeedData, ProtocolError
+
+#: ``keep`` returns this to keep every argument of a request (bounded by ``max_kept``).
+KEEP_ALL = 1 << 62
 
 _TOO_BIG_INLINE = "ERR Protocol error: too big inline request"
 _TOO_BIG_COUNT = "ERR Protocol error: too big mbulk count string"
@@ -77,13 +89,25 @@ class Request:
 
     ``args[0]`` is the command name, unnormalised. ``start`` and ``end`` are absolute offsets in the
     stream fed so far: ``end`` is just past the request's last byte, so ``data[start:end]`` are the
-    exact bytes to forward. ``inline`` tells the two wire forms apart.
+    exact bytes to forward. ``inline`` tells the two wire forms apart. A streaming parser (see
+    ``keep``) returns only the arguments asked for: ``count`` is how many the request had; a run of
+    plain inline requests of no interest may come back as one request with ``count`` 0.
     """
 
     args: tuple[bytes, ...]
     start: int
     end: int
     inline: bool
+    count: int = field(default=-1, compare=False)
+
+    @property
+    def complete(self) -> bool:
+        """True when ``args`` holds every argument of the request."""
+        return self.count < 0 or self.count == len(self.args)
+
+
+class KeptTooLong(ProtocolError):
+    """The arguments a streaming parser was asked to keep passed ``max_kept`` bytes."""
 
 
 class _State(enum.Enum):
@@ -107,10 +131,25 @@ class RequestParser:
         max_inline: int = 64 * 1024,
         max_bulk: int = 512 * 1024 * 1024,
         max_multibulk: int = _INT_MAX,
+        keep: Callable[[bytes], int] | None = None,
+        max_name: int = 64,
+        max_kept: int = 64 * 1024,
     ) -> None:
+        """``keep``: streaming mode. Called with each request's name (as sent), it returns how many
+        arguments to keep, the name included (1: the name only; :data:`KEEP_ALL`: all of them, up
+        to ``max_kept`` bytes). Without it every argument is kept (and ``max_bulk`` bounds each)."""
         self._max_inline = max_inline
         self._max_bulk = max_bulk
         self._max_multibulk = max_multibulk
+        self._keep_fn = keep
+        self._max_name = max_name
+        self._max_kept = max_kept
+        self._keep = KEEP_ALL  # arguments of the current request to keep
+        self._index = 0  # which argument of the current request is being read
+        self._count = 0  # how many arguments the current request has
+        self._kept = 0  # bytes of the current request's kept arguments
+        self._passing = False  # the current request may be forwarded as it arrives
+        self._skipping = False  # the bulk being read is counted off, not kept
         self._buf = bytearray()
         self._base = 0  # absolute stream offset of self._buf[0]
         self._pos = 0  # first unconsumed byte in self._buf
@@ -134,6 +173,22 @@ class RequestParser:
     def buffered(self) -> int:
         """How many fed bytes are held and not yet consumed (for limits and tests)."""
         return len(self._buf) - self._pos
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when everything fed was returned as requests: nothing unfinished is held."""
+        return self._state is _State.REQUEST and self._pos == len(self._buf)
+
+    @property
+    def forwardable(self) -> int:
+        """Absolute offset up to which the bytes fed so far may be forwarded once
+        :meth:`next_request` returned ``NEED_DATA``: the end of the last request returned, or, once
+        the name of the unfinished request showed that it is not kept whole, all that was fed."""
+        if self._state is _State.REQUEST or self._state is _State.DEAD:
+            return self.offset
+        if self._passing:
+            return self._base + len(self._buf)
+        return self._start
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from the client. Then call :meth:`next_request` until ``NEED_DATA``."""
@@ -177,6 +232,10 @@ class RequestParser:
         self._start = self.offset
         if self._buf[self._pos] == 0x2A:  # "*"
             return self._read_count()
+        if self._keep_fn is not None:
+            run = self._read_inline_run()
+            if run is not None:
+                return run
         return self._read_inline()
 
     def _advance(self, pos: int) -> None:
@@ -197,8 +256,8 @@ class RequestParser:
                 # Redis's strchr stops at this NUL and will never see a terminator after it.
                 self._stuck = True
             elif end >= 0:
-                if end - self._pos > self._max_inline:
-                    raise ProtocolError(too_big)
+                # Redis refuses a line only while its terminator has not arrived (a whole header
+                # line that long is refused anyway: string2ll takes at most 20 bytes).
                 self._scan = end
                 return end
             else:
@@ -224,7 +283,10 @@ class RequestParser:
         self._advance(end + 2)
         if count <= 0:
             return None  # Redis ignores "*0" and "*-N" silently
-        self._remaining = count
+        self._remaining = self._count = count
+        self._index = self._kept = 0
+        self._keep = 1 if self._keep_fn is not None else KEEP_ALL
+        self._passing = False
         self._state = _State.BULK_HEADER
         return self._read_bulks()
 
@@ -244,6 +306,14 @@ class RequestParser:
         self._advance(end + 2)
         self._length = length
         self._state = _State.BULK_BODY
+        self._skipping = self._index >= self._keep or (
+            self._index == 0 and length > self._max_name and self._keep_fn is not None
+        )
+        if not self._skipping and self._keep == KEEP_ALL and self._keep_fn is not None:
+            self._kept += length
+            if self._kept > self._max_kept:
+                raise KeptTooLong(f"ERR Protocol error: {self._max_kept} bytes of arguments kept at most")
+        self._length += 2  # Redis skips the two bytes after a bulk without looking at them
         return None
 
     def _read_bulks(self) -> Request | NeedData:
@@ -253,22 +323,60 @@ class RequestParser:
             if self._state is _State.BULK_HEADER and self._read_length() is NEED_DATA:
                 return NEED_DATA
             pos = self._pos
-            stop = pos + self._length
-            if len(buf) < stop + 2:
-                return NEED_DATA
-            if self._length < _BIG_ARG:
-                self._args.append(bytes(buf[pos:stop]))
+            if self._skipping:
+                # Counted off as it comes: nothing of a body nobody asked for is held.
+                taken = min(self._length, len(buf) - pos)
+                self._length -= taken
+                self._advance(pos + taken)
+                if self._length:
+                    if self._index == 0:
+                        self._passing = True  # a name this long is nobody's
+                    return NEED_DATA
             else:
-                with memoryview(buf) as view:  # one copy, and no view left to block the next resize
-                    self._args.append(bytes(view[pos:stop]))
-            self._advance(stop + 2)
+                stop = pos + self._length - 2
+                if len(buf) < stop + 2:
+                    return NEED_DATA
+                if stop - pos < _BIG_ARG:
+                    self._args.append(bytes(buf[pos:stop]))
+                else:
+                    with memoryview(buf) as view:  # one copy, and no view left to block the next resize
+                        self._args.append(bytes(view[pos:stop]))
+                self._advance(stop + 2)
+            if self._index == 0 and self._keep_fn is not None:
+                self._keep = self._keep_fn(self._args[0]) if self._args else 1
+                self._passing = self._keep != KEEP_ALL
+            self._index += 1
             self._remaining -= 1
             if not self._remaining:
                 break
             self._state = _State.BULK_HEADER
         args, self._args = tuple(self._args), []
         self._state = _State.REQUEST
-        return Request(args, self._start, self.offset, False)
+        self._passing = False
+        return Request(args, self._start, self.offset, False, self._count)
+
+    def _read_inline_run(self) -> Request | None:
+        """Streaming mode: a run of whole, plain inline lines (no quotes, no NUL) whose names
+        ``keep`` is not interested in, as one :class:`Request` with no arguments (``count`` 0).
+        None when the next line is not such a line (it is then parsed on its own)."""
+        buf, pos = self._buf, self._pos
+        last = buf.rfind(b"\n", pos)
+        if last < 0:
+            return None
+        region = bytes(buf[pos : last + 1])
+        if b"\n*" in region or b"\0" in region or _QUOTED.search(region) is not None:
+            return None
+        keep, stop = self._keep_fn, 0
+        assert keep is not None
+        for line in region.split(b"\n")[:-1]:
+            args = line.split()
+            if args and keep(args[0]) != 1:
+                break
+            stop += len(line) + 1
+        if not stop:
+            return None
+        self._advance(pos + stop)
+        return Request((), self._start, self.offset, True, 0)
 
     def _read_inline(self) -> Request | None | NeedData:
         end = self._line_end(b"\n", _TOO_BIG_INLINE)
@@ -306,6 +414,7 @@ _BLANKS = frozenset(b" \t\n\r\v\f")
 # An unquoted argument ends at these only: \v and \f skip as blanks between arguments, but inside
 # one they are ordinary bytes (sdssplitargs' switch lists just these four, and NUL).
 _BARE_ENDS = frozenset(b" \n\r\t")
+_QUOTED = re.compile(rb"[\"'\x0b\x0c]")
 _ESCAPES = {ord("n"): 0x0A, ord("r"): 0x0D, ord("t"): 0x09, ord("b"): 0x08, ord("a"): 0x07}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _BACKSLASH, _DQUOTE, _SQUOTE = 0x5C, 0x22, 0x27
@@ -319,6 +428,10 @@ class _Quote(enum.Enum):
 
 def _split_inline(line: bytes) -> list[bytes]:
     """``sdssplitargs`` on one inline line (which never holds a NUL: see ``_line_end``)."""
+    if _QUOTED.search(line) is None:
+        # Without quotes (and \v \f, which only separate between arguments) the split is exactly
+        # bytes.split(): blanks are C isspace() in the "C" locale.
+        return line.split()
     args: list[bytes] = []
     n, i = len(line), 0
     while True:
@@ -373,4 +486,4 @@ def _unescape(line: bytes, i: int, quote: _Quote, arg: bytearray) -> int:
     return i + 1
 
 
-__all__ = ["Request", "RequestParser"]
+__all__ = ["KEEP_ALL", "KeptTooLong", "Request", "RequestParser"]

@@ -7,12 +7,21 @@ client's own connection, behind everything the client sent before:
    before arguments, so a user without the right to run ``CONFIG SET`` gets ``-NOPERM``, an
    unauthenticated client ``-NOAUTH``, and an allowed one ``-ERR Unknown option`` (nothing
    changes). Inside ``MULTI`` there is no probe: our commands are refused there;
-2. a marker: a command name made of a random token, which every Redis refuses at once with
-   ``-ERR unknown command '<token>'...`` whatever the client's state (even inside ``MULTI``,
-   where it also makes ``EXEC`` fail with ``EXECABORT``, as Redis does for any refused command).
+2. a marker: ``ECHO <random token>``, whose reply (the token as a bulk string) nothing else can
+   produce. ECHO is answered without an error, so the marker leaves no trace in Redis's error
+   statistics. Where ECHO itself is refused (an unauthenticated client, an ACL user without
+   ``+echo``, a busy script), the reply stream ends with an error line instead; the barrier then
+   sends a second marker behind it: a command named by a random token, which every Redis refuses
+   at once (``-ERR unknown command '<token>'``) whatever the client's state, and strips whichever
+   reply ECHO got. Inside ``MULTI`` only that unknown command is sent: it also makes ``EXEC`` fail
+   with ``EXECABORT``, as Redis does for any refused command.
 Since the client's later input is held, the marker's reply is the last frame Redis sends. When the
 reply stream ends with it, every earlier reply has passed: the barrier cuts the probe's and the
 marker's replies off, runs the command, and the relay writes our reply and releases the input.
+
+What shows in Redis's statistics: each of our commands adds one error reply (the probe's
+``Unknown option``: the only way to ask "may this user run CONFIG SET?" without changing
+anything); a HELLO adds none; either adds one more where ECHO is refused as above.
 """
 
 from __future__ import annotations
@@ -65,11 +74,13 @@ class Barrier:
         self.error = error
         self.drain = drain
         self.hello = hello
-        token = "key-evt-amqp-marker-" + secrets.token_hex(16)
-        self.marker = b"*1\r\n$%d\r\n%s\r\n" % (len(token), token.encode())
-        self.marker_reply = (
-            b"-ERR unknown command '%s', with args beginning with: \r\n" % token.encode()
-        )
+        token = ("key-evt-amqp-marker-" + secrets.token_hex(16)).encode()
+        self.echo = b"*2\r\n$4\r\nECHO\r\n$%d\r\n%s\r\n" % (len(token), token)
+        self.echo_reply = b"$%d\r\n%s\r\n" % (len(token), token)
+        self.unknown = b"*1\r\n$%d\r\n%s-x\r\n" % (len(token) + 2, token)
+        self.unknown_reply = b"-ERR unknown command '%s-x', with args beginning with: \r\n" % token
+        self.marker_reply = self.echo_reply  # the reply that ends the wait
+        self.fallback = False  # the unknown command was sent behind ECHO
         self.probing = False
         self._tail = b""  # reply bytes kept back: the end of the stream may be our replies
         self._task: asyncio.Task[None] | None = None
@@ -85,9 +96,15 @@ class Barrier:
         elif self.args is not None and client.in_multi:
             self.error = f"ERR {self.name} is not allowed inside MULTI (the transaction is aborted)"
         elif self.args is not None:
-            client.inject(PROBE)
             self.probing = True
-        client.inject(self.marker)
+        # One write, so that Redis reads both at once and answers both at once (a probe's error
+        # line read alone would look like a refused ECHO).
+        probe = PROBE if self.probing else b""
+        if client.in_multi:
+            self.marker_reply = self.unknown_reply
+            client.inject(probe + self.unknown)
+        else:
+            client.inject(probe + self.echo)
 
     def on_replies(self, data: bytes) -> None:
         """Reply bytes arrived: pass on all but what may be the start of our own replies."""
@@ -95,12 +112,20 @@ class Barrier:
         assert transport is not None
         stream = self._tail + data
         if not stream.endswith(self.marker_reply):
-            keep = len(self.marker_reply) + PROBE_REPLY_MAX
+            if not self.fallback and self.marker_reply is self.echo_reply and _ends_with_error(stream):
+                self._fall_back()
+            keep = len(self.marker_reply) + len(self.echo_reply) + PROBE_REPLY_MAX
             transport.write(stream[:-keep])
             self._tail = stream[-keep:]
             return
         self._tail = b""
         end = len(stream) - len(self.marker_reply)
+        if self.fallback:
+            # ECHO's reply is the frame before: the token, or the one error line it got.
+            if stream.endswith(self.echo_reply, 0, end):
+                end -= len(self.echo_reply)
+            else:
+                end = _line_start(stream, end)
         start = end
         if self.probing:
             # The probe's reply is the frame before the marker's: one error line, no CRLF inside.
@@ -109,6 +134,12 @@ class Barrier:
             self._hello_answered(stream, end)
         transport.write(stream[:start])
         self._ready(stream[start:end])
+
+    def _fall_back(self) -> None:
+        """ECHO may have been refused: wait for a marker every Redis answers, sent behind it."""
+        self.fallback = True
+        self.marker_reply = self.unknown_reply
+        self.client.inject(self.unknown)
 
     def _hello_answered(self, stream: bytes, end: int) -> None:
         """HELLO's reply ends just before the marker's: an error line if Redis refused it."""
@@ -167,6 +198,11 @@ class Barrier:
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+def _ends_with_error(stream: bytes) -> bool:
+    """Whether the last frame in ``stream`` may be an error line (ECHO refused)."""
+    return stream.endswith(b"\r\n") and stream[_line_start(stream, len(stream)):][:1] == b"-"
 
 
 def _line_start(stream: bytes, end: int) -> int:

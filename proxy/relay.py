@@ -11,14 +11,27 @@ sends two commands of its own behind those (an authority probe and a marker whos
 waits until the reply stream ends with the marker's reply, cuts both replies off, and only then
 writes ours and releases the held input. Redis itself orders the replies; nothing is counted.
 
-Rules (break one and replies go out of order):
+Rules (break one and replies go out of order, or one client costs every client):
 1. Bytes reach Redis only once the relay knows they are not part of one of our commands. A chunk
    that ends inside a command whose name is not yet readable keeps that tail in ``_carry``.
 2. Once Redis may send frames that answer no command (pub/sub, MONITOR, CLIENT REPLY/TRACKING),
    or the stream cannot be followed, the connection is a plain pipe (:attr:`Mode.PIPE`) for the
    rest of its life: our commands are relayed too, and Redis refuses them in place as unknown.
 3. Client reading is paused for named reasons (:class:`Pause`) and resumes when none is left;
-   what a transport delivers while paused is kept in ``_held`` (at most one read per pause).
+   what a transport delivers while paused is kept in ``_held``, at most ``buffer_limit`` bytes
+   (past that the transport is told again to stop reading: under uvloop a pause asked for inside
+   ``connection_made`` does not take).
+4. hiredis never sees a chunk that :data:`_RISKY` matches: it preallocates a list for every
+   declared count (``*2147483647`` would cost 16 GiB) and buffers every bulk whole. Such chunks,
+   and input hiredis refuses, go to the exact parser (:attr:`Mode.EXACT`), which streams: it keeps
+   only the arguments the relay looks at, and counts other bodies off as they are relayed. The
+   connection goes back to hiredis at the next request boundary.
+5. Redis judges every protocol error itself. When the exact parser finds one, the bytes it saw go
+   to Redis and the client is no longer read (:attr:`Mode.DONE`): Redis answers with its own
+   error and closes, and the client gets exactly that. After ``QUIT`` too, nothing more is sent.
+6. When Redis closes the connection, the client gets every byte Redis sent and then a close, as
+   from Redis itself: never a reply of ours. A client's half-close (end of input) reaches Redis
+   once everything before it has, so replies still flow back until Redis closes.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import hiredis
@@ -33,22 +47,44 @@ import hiredis
 from protocol import NEED_DATA, ProtocolError, RequestParser, framing, replies
 from protocol.commands import ADMIN_PREFIX, NOTICED, Effect, effect_of, hello_version
 from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
+from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
+from proxy.events.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from proxy.server import Server
 
 log = logging.getLogger("key_evt_amqp.relay")
+_quiet_log = RateLimitedLog(log)
 
 _PREFIX_LEN = len(ADMIN_PREFIX)
 #: One of our commands longer than this is refused and the client closed (rule 1 holds it).
 MAX_ADMIN_BYTES = 64 * 1024
+#: An unfinished command hiredis holds may grow to this; past it the exact parser takes over (a
+#: command rule 4 lets through is at most 9 arguments of at most 9,999 bytes).
+MAX_FAST_PENDING = 128 * 1024
+#: After a client's end of input, how long a command of ours may wait for its place (behind a
+#: blocked BLPOP it would wait forever) before the end of input is passed on to Redis anyway.
+EOF_BARRIER_WAIT = 1.0
+#: After a protocol error was forwarded (rule 5), how long Redis has to close the connection.
+DONE_WAIT = 5.0
+_LLONG_MAX = 2**63 - 1
+
+# Rule 4: what hiredis must not see. A count header other than `*<one digit>\r\n$` (hiredis
+# preallocates the declared count; nested arrays multiply it), a RESP3 aggregate where an element
+# may start, a bulk of 10,000 bytes or more (hiredis holds it whole), a header cut by the end of
+# the chunk (its digits may go on in the next one). Values that happen to match cost one chunk in
+# the exact parser, nothing more.
+_RISKY = re.compile(
+    rb"\*(?!\d\r\n\$)|\n[%~>|]|\A[%~>|]|[$=!]\d{5}|[$=!]\d{0,4}\Z"
+).search
 
 
 class Mode(enum.Enum):
     FAST = "fast"  # hiredis splits multibulk commands
-    EXACT = "exact"  # the pure-Python parser (inline commands, input hiredis cannot vouch for)
+    EXACT = "exact"  # the streaming exact parser (inline, risky or non-canonical input)
     PIPE = "pipe"  # bytes only (rule 2)
+    DONE = "done"  # Redis will close: nothing more is read or sent (rule 5)
     CLOSING = "closing"
 
 
@@ -63,6 +99,19 @@ _FAST = Mode.FAST
 _RELAY = Tail.RELAY
 #: Names of other lengths need no lookup (GET, SET, HSET, ... are never looked at twice).
 _NOTICED_LENGTHS = frozenset({len(name) for name in NOTICED} | set(range(_PREFIX_LEN, framing.MAX_ADMIN_NAME + 1)))
+#: How many arguments the exact parser keeps: ours whole, a noticed command's name and first
+#: argument (HELLO's version, CLIENT's subcommand), only the name of any other.
+_NOTICED_KEEP = 2
+
+
+def _keep(name: bytes) -> int:
+    if len(name) in _NOTICED_LENGTHS:
+        low = name.lower()
+        if low[:_PREFIX_LEN] == ADMIN_PREFIX:
+            return KEEP_ALL
+        if low in NOTICED:
+            return _NOTICED_KEEP
+    return 1
 
 
 class ClientConnection(asyncio.Protocol):
@@ -78,15 +127,19 @@ class ClientConnection(asyncio.Protocol):
         self.quitting = False
         self.barrier: admin.Barrier | None = None
         self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
-        self._exact: RequestParser | None = None
-        self._exact_buf = bytearray()  # EXACT mode: bytes fed to the parser, not yet relayed
-        self._exact_base = 0  # absolute stream offset of _exact_buf[0]
         self._carry = b""  # client bytes parsed but not relayed yet (rule 1)
         self._pending = 0  # bytes of the unfinished command seen so far, carry included
+        self._partial = bytearray()  # those bytes, for a hand-over to the exact parser (rule 4)
+        self._exact: RequestParser | None = None
+        self._exact_buf = bytearray()  # EXACT mode: bytes fed to the parser, not yet relayed
+        self._exact_sent = 0  # the parser's offset of _exact_buf[0]
         self._held: list[bytes] = []  # input read while paused, in order
         self._held_bytes = 0
         self._pauses: set[Pause] = set()
         self._reading = True
+        self._client_eof = False  # the client ended its input (half-close)
+        self._eof_sent = False
+        self._timer: asyncio.TimerHandle | None = None
         self._up_write = _nowhere  # the upstream transport's write, once connected
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -110,8 +163,11 @@ class ClientConnection(asyncio.Protocol):
             )
         except (OSError, asyncio.TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-            log.warning("cannot reach Redis at %s:%s: %s", address.host, address.port, reason)
-            self._fail(f"ERR key-evt-amqp: cannot reach Redis ({reason})")
+            # One line per interval, not one per client: clients reconnect in tight loops.
+            _quiet_log.warn("unreachable", "cannot reach Redis at %s:%s: %s", address.host, address.port, reason)
+            # Closed without a reply, as if Redis had refused the connection: clients retry on
+            # a lost connection, not on an error reply.
+            self._fail(None)
             return
         if self.mode is Mode.CLOSING:
             transport.close()
@@ -123,20 +179,63 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode = Mode.CLOSING
         self.server.forget(self)
+        self._cancel_timer()
         if self.barrier is not None:
             self.barrier.cancel()
             self.barrier = None
-        if self.upstream is not None:
-            self.upstream.pause_reading()  # its replies have nowhere to go
-            self.upstream.close()  # close() flushes what the client sent before it left
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.pause_reading()  # its replies have nowhere to go
+            upstream.close()  # close() flushes what the client sent before it left
+        self._release()
+
+    def _release(self) -> None:
+        """Drop every buffer at once: a gone client must not hold memory until the next GC."""
+        self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
+        self._held.clear()
+        self._held_bytes = 0
+        self._exact = None
+        self._exact_buf = bytearray()
+        self._partial = bytearray()
+        self._carry = b""
+        self._up_write = _nowhere
 
     def upstream_lost(self) -> None:
-        """Redis closed our connection: the client learns it, unless it asked for it (QUIT)."""
+        """Redis closed our connection: the client gets what Redis sent, then the same close."""
         if self.mode is Mode.CLOSING:
             return
         if self.barrier is not None:
             self.barrier.flush()
-        self._fail(None if self.quitting else "ERR key-evt-amqp: lost the connection to Redis")
+            self.barrier.cancel()
+            self.barrier = None
+        self._fail(None)
+
+    def eof_received(self) -> bool:
+        """The client ended its input: pass that on to Redis after what came before it (rule 6)."""
+        self._client_eof = True
+        if self.barrier is not None and self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(EOF_BARRIER_WAIT, self._send_eof, True)
+        self._send_eof()
+        return True  # keep writing to the client: Redis's replies are still on their way
+
+    def _send_eof(self, force: bool = False) -> None:
+        """Half-close Redis's side once nothing of the client's waits here (or when forced)."""
+        if not self._client_eof or self._eof_sent or self.mode is Mode.CLOSING:
+            return
+        if not force and (self._pauses or self._held or self.barrier is not None):
+            return
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None:
+            if not force and Pause.CONNECTING in self._pauses:
+                return
+            self._fail(None)
+            return
+        self._eof_sent = True
+        if upstream.transport.can_write_eof():
+            upstream.transport.write_eof()
+        else:
+            upstream.close()
 
     def _fail(self, message: str | None) -> None:
         self.mode = Mode.CLOSING
@@ -145,6 +244,11 @@ class ClientConnection(asyncio.Protocol):
             if message is not None:
                 transport.write(replies.error(message))
             transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- flow control (rule 3) -----------------------------------------------------------------
 
@@ -157,8 +261,10 @@ class ClientConnection(asyncio.Protocol):
         # (and the blocked command) would outlive it.
 
     def _stop_reading(self) -> None:
-        if self._reading and self.transport is not None:
-            self.transport.pause_reading()
+        # Asked again each time, not once: a pause asked for in connection_made is lost on uvloop.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
             self._reading = False
 
     def _hold(self, data: bytes, *, first: bool = False) -> None:
@@ -181,9 +287,13 @@ class ClientConnection(asyncio.Protocol):
             self._held_bytes -= len(data)
             self.data_received(data)
         transport = self.transport
-        if not self._pauses and not self._reading and transport is not None and not transport.is_closing():
+        if (
+            not self._pauses and not self._reading and self.mode is not Mode.DONE
+            and transport is not None and not transport.is_closing()
+        ):
             transport.resume_reading()
             self._reading = True
+        self._send_eof()
 
     def pause_writing(self) -> None:
         # The client reads slower than Redis answers: stop reading Redis.
@@ -206,6 +316,9 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._pauses or self.mode is not _FAST:
             self._not_fast(data)
+            return
+        if _RISKY(data) is not None:
+            self._to_exact(data, [])
             return
         # The hot path, inline on purpose: every Python call here costs throughput at -P 1.
         reader = self._commands
@@ -233,11 +346,11 @@ class ClientConnection(asyncio.Protocol):
                     if low in NOTICED or low[:_PREFIX_LEN] == ADMIN_PREFIX:
                         noticed = True
         except hiredis.ProtocolError:  # inline commands, garbage
-            self._anomaly(data, commands)
+            self._to_exact(data, commands)
             return
         except (TypeError, AttributeError):  # the last request is not a list of bulk strings
             commands.pop()
-            self._anomaly(data, commands)
+            self._to_exact(data, commands)
             return
         pending = self._pending + len(data) - size
         if not noticed and not self._carry and (
@@ -246,10 +359,22 @@ class ClientConnection(asyncio.Protocol):
             or 0 < pending and judge_tail(data[-pending:]) is _RELAY
         ):
             # The common case: nothing to look at, nothing to keep back.
+            if pending:
+                if pending > MAX_FAST_PENDING:
+                    self._to_exact(data, commands)
+                    return
+                self._keep_partial(data, pending)
             self._pending = pending
             self._up_write(data)
             return
         self._careful(data, commands)
+
+    def _keep_partial(self, data: bytes, pending: int) -> None:
+        """Remember the unfinished command's bytes (rule 4 may hand it to the exact parser)."""
+        if pending <= len(data):
+            self._partial = bytearray(data[len(data) - pending:])
+        else:
+            self._partial += data
 
     def _not_fast(self, data: bytes) -> None:
         if self._pauses:
@@ -258,75 +383,88 @@ class ClientConnection(asyncio.Protocol):
             self._up_write(data)
         elif self.mode is Mode.EXACT:
             self._exact_feed(data)
+        elif self.mode is Mode.DONE:
+            self._stop_reading()  # Redis ignores what follows; so do we
+
+    def _stream(self, data: bytes) -> tuple[bytes, int]:
+        """The bytes from the unfinished command's start on, and how many of them Redis has."""
+        if not self._pending:
+            return data, 0
+        return bytes(self._partial) + data, self._pending - len(self._carry)
 
     def _careful(self, data: bytes, commands: list[object]) -> None:
         """Place each command in the chunk, act on the noticed ones, judge the unfinished tail."""
-        carry = self._carry
-        stream = carry + data if carry else data
-        relayed_before = self._pending - len(carry)
-        placed = framing.locate(stream, commands, relayed_before)
+        stream, sent = self._stream(data)
+        placed = framing.locate(stream, commands, 0)
         if placed is None:
-            self._anomaly(data, [])
+            self._enter_exact(stream, sent)
             return
-        if not self._walk(stream, placed):
+        sent = self._walk(stream, placed, sent)
+        if sent < 0:
             return
-        end = placed[-1][2] if placed else -relayed_before
-        self._settle(stream, end, relayed_before)
+        end = placed[-1][2] if placed else 0
+        self._settle(stream, end, sent)
 
-    def _walk(self, stream: bytes, placed: list[tuple[object, int, int]]) -> bool:
-        """Act on each placed command; False when one of ours stopped the walk (the rest of the
-        stream is then held, and the commands before it relayed)."""
+    def _walk(self, stream: bytes, placed: list[tuple[object, int, int]], sent: int) -> int:
+        """Act on each placed command and relay up to it; returns how much of ``stream`` Redis
+        has, or -1 when one of ours (or a QUIT) stopped the walk (the rest is then held or
+        dropped)."""
         for command, start, end in placed:
             effect = _effect(command)
             if effect is Effect.ADMIN and self.mode is not Mode.PIPE:
-                self._write_upstream(stream[:start])
-                self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
-                self._carry, self._pending = b"", 0
+                self._write_upstream(stream[sent:start])
+                self._reset_fast()
                 if end < len(stream):
                     self._hold(stream[end:], first=True)
                 if end - start > MAX_ADMIN_BYTES:
                     self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
                 else:
                     self._start_barrier(command)  # type: ignore[arg-type]
-                return False
+                return -1
             if effect is Effect.HELLO and self.mode is not Mode.PIPE and not self.in_multi:
                 version = hello_version(command)  # type: ignore[arg-type]
                 if version is not None:
                     # Which protocol our replies must speak depends on whether HELLO succeeds.
-                    self._write_upstream(stream[:end])
-                    self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
-                    self._carry, self._pending = b"", 0
+                    self._write_upstream(stream[sent:end])
+                    self._reset_fast()
                     if end < len(stream):
                         self._hold(stream[end:], first=True)
                     self._start_barrier(None, hello=version)
-                    return False
+                    return -1
+            if effect is Effect.QUIT and self.mode is not Mode.PIPE and not self.in_multi:
+                # Redis answers QUIT and closes; what follows it is never read (rule 5).
+                self._write_upstream(stream[sent:end])
+                self._done()
+                return -1
             self._apply(effect, command)
-        return True
+        return sent
 
-    def _settle(self, stream: bytes, end: int, relayed_before: int) -> None:
+    def _settle(self, stream: bytes, end: int, sent: int) -> None:
         """Relay a walked stream whose last complete command ends at ``end``; judge the rest."""
-        if self.mode is Mode.PIPE:
-            self._write_upstream(stream)
-            self._carry, self._pending = b"", 0
+        if self.mode is Mode.PIPE or end == len(stream):
+            self._write_upstream(stream[sent:])
+            self._reset_fast()
             return
-        if end < 0 or end == len(stream):
-            # No command began here (the unfinished one was judged earlier), or none is unfinished.
-            self._write_upstream(stream)
-            self._carry, self._pending = b"", relayed_before + len(stream) if end < 0 else 0
-            return
-        verdict = judge_tail(stream[end:])
+        tail = stream[end:]
+        verdict = judge_tail(tail)
         if verdict is Tail.RELAY:
-            self._write_upstream(stream)
-            self._carry, self._pending = b"", len(stream) - end
+            self._write_upstream(stream[sent:])
+            self._carry, self._pending = b"", len(tail)
+            self._partial = bytearray(tail)
         elif verdict is Tail.HOLD:
-            self._write_upstream(stream[:end])
-            self._carry = stream[end:]
-            self._pending = len(self._carry)
+            self._write_upstream(stream[sent:end])
+            self._carry, self._pending = tail, len(tail)
+            self._partial = bytearray(tail)
             if self._pending > MAX_ADMIN_BYTES:
                 self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
         else:
-            self._write_upstream(stream[:end])
-            self._enter_exact(stream[end:])
+            self._write_upstream(stream[sent:end])
+            self._enter_exact(tail, max(0, sent - end))
+
+    def _reset_fast(self) -> None:
+        """At a request boundary: hiredis starts afresh, nothing is unfinished."""
+        self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
+        self._carry, self._pending, self._partial = b"", 0, bytearray()
 
     def _apply(self, effect: Effect | None, command: object) -> None:
         """Book-keeping for one command that is relayed (the caller relays its bytes)."""
@@ -353,82 +491,122 @@ class ClientConnection(asyncio.Protocol):
             self._up_write(data)
 
     def _become_pipe(self) -> None:
-        if self.mode is not Mode.CLOSING:
+        if self.mode is not Mode.CLOSING and self.mode is not Mode.DONE:
             self.mode = Mode.PIPE
 
-    def _anomaly(self, data: bytes, commands: list[object]) -> None:
-        """hiredis refused the input, or it is not canonical: relay the commands before the odd
-        spot, and let the exact parser judge from there (Redis's own answer, in its place)."""
-        carry = self._carry
-        stream = carry + data if carry else data
-        relayed_before = self._pending - len(carry)
-        self._carry = b""
-        placed = framing.locate(stream, commands, relayed_before) if commands else []
-        if placed is not None and placed and not self._walk(stream, placed):
-            return
-        end = placed[-1][2] if placed else -relayed_before
-        if placed is None or end < 0:
-            # Part of the command at fault already reached Redis: only Redis can judge it. It
-            # answers with its own protocol error and closes; no second error from us then.
-            log.debug("client input cannot be re-parsed from a boundary; relaying it as a pipe")
-            self._write_upstream(stream)
-            self.quitting = True
-            self._become_pipe()
-            return
-        self._write_upstream(stream[:end])
-        self._enter_exact(stream[end:])
+    def _done(self) -> None:
+        """Redis will answer and close (QUIT, or a protocol error it was sent): read no more."""
+        self.mode = Mode.DONE
+        self._stop_reading()
+        self._held.clear()
+        self._held_bytes = 0
+        self._exact, self._exact_buf = None, bytearray()
+        self._reset_fast()
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(DONE_WAIT, self._done_waited)
 
-    # -- EXACT mode: the pure-Python parser ------------------------------------------------------
+    def _done_waited(self) -> None:
+        self._timer = None
+        if self.mode is Mode.DONE:
+            log.warning("Redis did not close a connection after a protocol error or QUIT; closing it")
+            if self.upstream is not None:
+                self.upstream.close()
+            self._fail(None)
 
-    def _enter_exact(self, stream: bytes) -> None:
-        """From a request boundary on, this client is parsed by the exact parser (rare, slower)."""
-        self._carry, self._pending = b"", 0
+    # -- EXACT mode: the streaming exact parser (rule 4) ----------------------------------------
+
+    def _to_exact(self, data: bytes, commands: list[object]) -> None:
+        """hiredis must not, or cannot, go on: act on the commands it placed, then hand the rest,
+        from the unfinished command's first byte, to the exact parser."""
+        stream, sent = self._stream(data)
+        placed = framing.locate(stream, commands, 0) if commands else []
+        if placed is None:
+            self._enter_exact(stream, sent)
+            return
+        if placed:
+            sent = self._walk(stream, placed, sent)
+            if sent < 0:
+                return
+        end = placed[-1][2] if placed else 0
+        if self.mode is Mode.PIPE:
+            self._write_upstream(stream[sent:])
+            self._reset_fast()
+            return
+        self._write_upstream(stream[sent:end])
+        self._enter_exact(stream[end:], max(0, sent - end))
+
+    def _enter_exact(self, stream: bytes, sent: int) -> None:
+        """From a request's first byte on, parse exactly; Redis already has ``sent`` bytes of it."""
+        self._reset_fast()
         self.mode = Mode.EXACT
-        self._exact = RequestParser()
-        self._exact_buf = bytearray()
-        self._exact_base = 0
-        self._exact_feed(stream)
+        self._exact = RequestParser(keep=_keep, max_bulk=_LLONG_MAX, max_kept=MAX_ADMIN_BYTES)
+        self._exact_buf = bytearray(stream[sent:])
+        self._exact_sent = sent
+        self._exact.feed(stream)
+        self._exact_resume()
 
     def _exact_feed(self, data: bytes) -> None:
         self._exact.feed(data)  # type: ignore[union-attr]
         self._exact_buf += data
         self._exact_resume()
 
-    def _exact_take(self, until: int) -> bytes:
-        """Remove and return the buffered bytes up to absolute offset ``until``."""
-        cut = until - self._exact_base
-        chunk = bytes(self._exact_buf[:cut])
+    def _exact_relay(self, until: int, *, send: bool = True) -> None:
+        """Relay (or drop) the buffered bytes up to the parser's offset ``until``."""
+        cut = until - self._exact_sent
+        if cut <= 0:
+            return
+        if send:
+            self._up_write(bytes(self._exact_buf[:cut]))
         del self._exact_buf[:cut]
-        self._exact_base = until
-        return chunk
+        self._exact_sent = until
 
     def _exact_resume(self) -> None:
         parser = self._exact
+        until = self._exact_sent  # relayed in one write when the loop stops, not one per request
         while parser is not None and self.mode is Mode.EXACT and not self._pauses:
             try:
                 request = parser.next_request()
-            except ProtocolError as exc:
-                # Nothing of the request at fault reaches Redis: our answer is Redis's own text.
-                self._refuse_and_close(exc.message)
+            except KeptTooLong:
+                self._exact_relay(max(until, parser.forwardable))
+                self._exact, self._exact_buf = None, bytearray()
+                self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
+                return
+            except ProtocolError:
+                # Rule 5: Redis gets what we saw, answers with its own error and closes.
+                self._exact_relay(self._exact_sent + len(self._exact_buf))
+                self._done()
                 return
             if request is NEED_DATA:
+                self._exact_relay(max(until, parser.forwardable))
+                if parser.at_boundary:
+                    self.mode = Mode.FAST  # back to hiredis (its reader was reset on the way in)
+                    self._exact, self._exact_buf = None, bytearray()
                 return
             args = list(request.args)
             effect = _effect(args)
+            if effect is None:
+                until = request.end
+                continue
             if effect is Effect.ADMIN:
-                self._write_upstream(self._exact_take(request.start))
-                self._exact_take(request.end)
+                self._exact_relay(request.start)
+                self._exact_relay(request.end, send=False)
                 self._start_barrier(args)
                 return
             if effect is Effect.HELLO and not self.in_multi and hello_version(args) is not None:
-                self._write_upstream(self._exact_take(request.end))
+                self._exact_relay(request.end)
                 self._start_barrier(None, hello=hello_version(args))
                 return
+            if effect is Effect.QUIT and not self.in_multi:
+                self._exact_relay(request.end)
+                self._done()
+                return
             self._apply(effect, args)
-            self._write_upstream(self._exact_take(request.end))
+            until = request.end
             if self.mode is Mode.PIPE:
                 self._write_upstream(bytes(self._exact_buf))  # the rest goes through unparsed
                 self._exact, self._exact_buf = None, bytearray()
+                return
+        self._exact_relay(until)
 
     # -- barriers: our replies in their place ----------------------------------------------------
 
@@ -454,7 +632,7 @@ class ClientConnection(asyncio.Protocol):
             self._start_barrier(None, drain=True)
 
     def _refuse_and_close(self, message: str) -> None:
-        """A protocol error: answer it after the replies Redis still owes, then close."""
+        """A limit of ours: answer it after the replies Redis still owes, then close."""
         self._start_barrier(None, message)
 
     def inject(self, data: bytes) -> None:
@@ -471,6 +649,8 @@ class ClientConnection(asyncio.Protocol):
         if close:
             self._fail(None)
             return
+        if self._timer is not None and self.mode is not Mode.DONE:
+            self._cancel_timer()
         self._pauses.discard(Pause.BARRIER)
         if self.mode is Mode.EXACT:
             self._exact_resume()  # the parser still holds what followed our command
@@ -528,7 +708,10 @@ class UpstreamConnection(RedisSide):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.client.upstream_lost()
+        self.client.upstream_lost()  # the client then drops its reference to us (no cycle left)
+
+    def eof_received(self) -> bool:
+        return False  # Redis ended its side: close ours too (connection_lost follows)
 
     def pause_writing(self) -> None:
         self.client.upstream_full(True)

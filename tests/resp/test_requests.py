@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import NEED_DATA, ProtocolError, Request, RequestParser
+from protocol.requests import KEEP_ALL, KeptTooLong
 from protocol.errors import Error
 
 KIB = 1024
@@ -237,13 +238,26 @@ def test_a_partial_line_over_the_limit_fails_at_once(prefix: bytes, head: bytes,
     assert info.value.message == message
 
 
-@pytest.mark.parametrize(("prefix", "head", "message"), TOO_BIG)
-def test_a_whole_line_over_the_limit_fails_too(prefix: bytes, head: bytes, message: str) -> None:
-    # Redis accepts such a line when one read() happens to bring it whole; we never do, so the
-    # outcome cannot depend on how the stream was split.
-    terminator = b"\n" if head == b"A" else b"\r\n"
-    assert error_of(prefix + head + b"1" * MAX_INLINE + terminator) == message
-    assert error_of(prefix + head + b"1" * 9 + terminator, max_inline=9) == message
+WHOLE_LINE_VERDICTS = [
+    (b"", b"*", "ERR Protocol error: invalid multibulk length"),
+    (b"*1\r\n", b"$", "ERR Protocol error: invalid bulk length"),
+    (b"*1\r\n", b"X", "ERR Protocol error: expected '$', got 'X'"),
+]
+
+
+@pytest.mark.parametrize(("prefix", "head", "message"), WHOLE_LINE_VERDICTS)
+def test_a_whole_header_line_over_the_limit_is_judged_by_its_content(
+    prefix: bytes, head: bytes, message: str
+) -> None:
+    # Redis checks the length only while no terminator has arrived; a whole header line that long
+    # holds more than the 20 bytes string2ll takes, so it is refused for what it says.
+    assert error_of(prefix + head + b"1" * MAX_INLINE + b"\r\n") == message
+
+
+def test_a_whole_inline_line_over_the_limit_is_accepted() -> None:
+    # Redis's rule: "too big inline request" only while no newline is buffered.
+    assert args_of(b"ECHO " + b"a" * 70_000 + b"\r\n") == [(b"ECHO", b"a" * 70_000)]
+    assert args_of(b"ECHO 123456789\n", max_inline=9) == [(b"ECHO", b"123456789")]
 
 
 def test_lines_at_the_limit_are_accepted() -> None:
@@ -398,6 +412,9 @@ garbage = st.one_of(st.binary(max_size=200), structured)
 @given(garbage, st.data())
 def test_garbage_only_raises_protocol_error_and_never_overfills(stream: bytes, data: st.DataObject) -> None:
     chunks = data.draw(splits(stream))
+    # A line longer than max_inline is refused only if it is seen before its newline (Redis's rule),
+    # so only shorter lines give the same verdict however the stream is split.
+    split_invariant = all(len(line) <= LIMITS["max_inline"] for line in stream.split(b"\n"))
     parser, bound = RequestParser(**LIMITS), max(LIMITS["max_inline"] + 1, LIMITS["max_bulk"] + 2)
     try:
         for chunk in chunks:
@@ -407,7 +424,8 @@ def test_garbage_only_raises_protocol_error_and_never_overfills(stream: bytes, d
     except ProtocolError as exc:
         assert exc.reply.startswith(b"-ERR Protocol error: ") and exc.reply.endswith(b"\r\n")
     # Whatever the input, how it was split never changes what comes out.
-    assert outcome(chunks, **LIMITS) == outcome([stream], **LIMITS)
+    if split_invariant:
+        assert outcome(chunks, **LIMITS) == outcome([stream], **LIMITS)
 
 
 # --- against a real redis-server 7.0 ----------------------------------------------------------
@@ -516,3 +534,87 @@ def test_inline_splitting_matches_redis(real_redis: int, tail: bytes) -> None:
     reader = hiredis.Reader()
     reader.feed(reply)
     assert (reader.gets(), reader.gets(), closed) == (list(request.args[3:]), b"OK", True)
+
+
+# --- streaming mode (the relay's exact path) --------------------------------------------------
+
+
+def keep_for_tests(name: bytes) -> int:
+    low = name.lower()
+    if low.startswith(b"key_evt_amqp."):
+        return KEEP_ALL
+    return 2 if low in (b"hello", b"client") else 1
+
+
+def test_streaming_keeps_only_what_was_asked_for() -> None:
+    parser = RequestParser(keep=keep_for_tests)
+    parser.feed(encode(b"SET", b"k", b"v" * 100) + encode(b"CLIENT", b"REPLY", b"OFF") + encode(b"key_evt_amqp.info", b"a"))
+    requests = drain(parser)
+    assert [(r.args, r.count, r.complete) for r in requests] == [
+        ((b"SET",), 3, False),
+        ((b"CLIENT", b"REPLY"), 3, False),
+        ((b"key_evt_amqp.info", b"a"), 2, True),
+    ]
+
+
+def test_streaming_never_holds_a_body_nobody_asked_for() -> None:
+    # A 512 MiB SET fed 1 MiB at a time: the parser holds nothing of it, and every byte of it
+    # may be forwarded as soon as it arrived (the name showed it is not ours).
+    parser = RequestParser(keep=keep_for_tests)
+    head = b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$536870912\r\n"
+    parser.feed(head)
+    assert parser.next_request() is NEED_DATA
+    assert parser.forwardable == len(head)
+    fed = len(head)
+    for _ in range(20):
+        parser.feed(b"x" * KIB * KIB)
+        fed += KIB * KIB
+        assert parser.next_request() is NEED_DATA
+        assert parser.buffered == 0 and parser.forwardable == fed
+
+
+def test_streaming_holds_back_a_request_until_its_name_is_known() -> None:
+    parser = RequestParser(keep=keep_for_tests)
+    parser.feed(b"*1\r\n$4\r\nPING\r\n*2\r\n$17\r\nkey_evt")
+    assert drain(parser)[0].args == (b"PING",)
+    assert parser.forwardable == 14  # the unfinished one may be ours
+    parser.feed(b"_amqp.info\r\n$1\r\n")
+    assert parser.next_request() is NEED_DATA and parser.forwardable == 14  # it is: kept whole
+
+
+def test_streaming_skips_a_name_longer_than_any_of_interest() -> None:
+    parser = RequestParser(keep=keep_for_tests, max_name=8)
+    parser.feed(b"*1\r\n$100\r\n" + b"n" * 50)
+    assert parser.next_request() is NEED_DATA and parser.buffered == 0 and parser.forwardable == 60
+    parser.feed(b"n" * 50 + b"\r\n")
+    (request,) = drain(parser)
+    assert (request.args, request.count, request.end) == ((), 1, 112)
+
+
+def test_streaming_caps_what_is_kept_of_ours() -> None:
+    parser = RequestParser(keep=keep_for_tests, max_kept=100)
+    parser.feed(b"*2\r\n$24\r\nkey_evt_amqp.keymask_add\r\n$200\r\n")
+    with pytest.raises(KeptTooLong):
+        parser.next_request()
+
+
+def test_streaming_counts_are_never_preallocated() -> None:
+    parser = RequestParser(keep=keep_for_tests, max_bulk=2**63 - 1)
+    parser.feed(b"*2147483647\r\n$3\r\nGET\r\n")
+    assert parser.next_request() is NEED_DATA
+    assert parser.forwardable == 22 and parser.buffered == 0
+
+
+def test_streaming_takes_a_run_of_plain_inline_lines_at_once() -> None:
+    parser = RequestParser(keep=keep_for_tests)
+    data = b"PING\r\n" * 1000 + b"HELLO 3\r\nGET a\r\n"
+    parser.feed(data)
+    requests = drain(parser)
+    assert [(r.args, r.start, r.end) for r in requests] == [
+        ((), 0, 6000), ((b"HELLO", b"3"), 6000, 6009), ((), 6009, len(data))
+    ]
+    assert parser.at_boundary
+
+
+def encode(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)

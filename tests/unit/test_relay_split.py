@@ -59,7 +59,7 @@ class FakeServer:
         coro.close()
 
 
-MARKER = re.compile(rb"\*1\r\n\$52\r\n(key-evt-amqp-marker-[0-9a-f]{32})\r\n")
+MARKER = re.compile(rb"\*2\r\n\$4\r\nECHO\r\n\$52\r\n(key-evt-amqp-marker-[0-9a-f]{32})\r\n")
 
 
 def run(chunks: list[bytes]) -> tuple[bytes, bytes, FakeRuntime]:
@@ -80,8 +80,7 @@ def run(chunks: list[bytes]) -> tuple[bytes, bytes, FakeRuntime]:
             markers = MARKER.findall(sent)
             assert len(markers) == answered + 1, "a barrier without its marker"
             reply = b"-ERR Unknown option or number of arguments for CONFIG SET - 'x'\r\n"
-            client.reply_data(reply + b"-ERR unknown command '%s', with args beginning with: \r\n"
-                              % markers[-1])
+            client.reply_data(reply + b"$52\r\n%s\r\n" % markers[-1])
             answered += 1
     sent = b"".join(to_redis.out)
     sent = MARKER.sub(b"", sent.replace(PROBE, b""))
