@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from protocol import replies
 from protocol.commands import admin_verb
 from protocol.events import parse_classes
+from protocol.integers import string2ll
 from protocol.keymask import add_masks
 from proxy.settings import ConfigError, apply_module_args
 
@@ -230,9 +231,9 @@ def _keymask_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) ->
 def _fallback_size_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if len(args) != 1:
         return _arity(name)
-    try:
-        size = int(args[0])
-    except ValueError:
+    # Any 64-bit integer is a valid size (> 0 cap, 0 unlimited, < 0 off): Redis's rule is the check.
+    size = string2ll(args[0])
+    if size is None:
         return replies.error("ERR value is not an integer or out of range")
     runtime.update(replace(runtime.config, fallback_size=size))
     return OK

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from harness import (TEST_AMQP_PASSWORD, ErrorReply, ProxyProcess, RawClient, RedisServer, TcpTap,
-                     encode_command, unreachable_amqp_url, wait_for)
+                     encode_command, free_port, unreachable_amqp_url, wait_for)
 
 ADMIN_SLOTS = 100  # one admin command every this many commands in the long pipeline
 
@@ -309,3 +309,52 @@ def test_inline_admin_argument_with_quotes(proxy: ProxyProcess) -> None:
         raw.send(f'key_evt_amqp.keymask_add "{mask}"\r\n'.encode())
         assert raw.read_reply() == b"OK"
         assert mask.encode() in flatten(raw.command("key_evt_amqp.config_get"))
+
+
+def config_of(raw: RawClient) -> dict[bytes, Any]:
+    reply = raw.command("key_evt_amqp.config_get")
+    assert isinstance(reply, list), reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+def info_of(raw: RawClient) -> dict[bytes, bytes]:
+    text = raw.command("key_evt_amqp.info")
+    assert isinstance(text, bytes) and not isinstance(text, ErrorReply), text
+    return dict(line.split(b":", 1) for line in text.split(b"\r\n") if line and not line.startswith(b"#"))
+
+
+NOT_AN_INTEGER = ErrorReply(b"ERR value is not an integer or out of range")
+#: Refused by Redis's string2ll, which every integer argument and setting follows.
+BAD_INTEGERS = ("999999999999999999999999999999", "9223372036854775808", "-9223372036854775809",
+                " 5", "5 ", "1_000", "+5", "05", "-0", "00", "", "-", "0x10", "1e3", "5.0",
+                "\u0663", "\uff15")
+
+
+def test_fallback_size_set_takes_integers_as_redis_does(proxy: ProxyProcess) -> None:
+    """Issue #8: the command once took `999999999999999999999999999999`, ` 5` and `1_000`."""
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.fallback_storage_size_set", "4321") == b"OK"
+        for text in BAD_INTEGERS:
+            reply = raw.command("key_evt_amqp.fallback_storage_size_set", text.encode())
+            assert reply == NOT_AN_INTEGER, (text, reply)
+            assert config_of(raw)[b"fallback_size"] == b"4321", text
+        for text in ("0", "-1", "9223372036854775807", "-9223372036854775808"):
+            assert raw.command("key_evt_amqp.fallback_storage_size_set", text) == b"OK", text
+            assert config_of(raw)[b"fallback_size"] == text.encode()
+
+
+@pytest.mark.parametrize("position", [1, 4, 7, 8], ids=["port", "heartbeat", "delivery_mode", "fallback_size"])
+def test_config_set_takes_integers_as_redis_does(proxy: ProxyProcess, position: int) -> None:
+    """The same rule as fallback_storage_size_set, then the setting's own range."""
+    # Nothing listens at the address: a value wrongly accepted must not reach a real broker.
+    args = ["127.0.0.1", str(free_port()), "u", "p", "30", "amq.direct", "rk", "1", "1000"]
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.config_set", *args) == b"OK"
+        before = config_of(raw)
+        for text in (*BAD_INTEGERS, "01"):
+            given = list(args)
+            given[position] = text
+            for name in ("key_evt_amqp.config_set", "key_evt_amqp.connect"):
+                reply = raw.command(name, *given)
+                assert isinstance(reply, ErrorReply) and reply.startswith(b"ERR invalid "), (name, text, reply)
+                assert config_of(raw) == before, (name, text)
