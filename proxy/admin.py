@@ -176,14 +176,25 @@ def _line_start(stream: bytes, end: int) -> int:
     return before + 2 if before >= 0 else 0
 
 
+#: Redis quotes the arguments of an unknown command up to this many bytes in all.
+_UNKNOWN_ARGS_SHOWN = 128
+
+
 def unknown_command(args: list[bytes]) -> str:
-    """Redis's own text for an unknown command (args shown up to 128 bytes each, like Redis)."""
-    shown = "".join(
-        "'" + a[:128].decode("utf-8", "replace").replace("\r", " ").replace("\n", " ") + "' "
-        for a in args[1:]
-    )
-    name = args[0].decode("utf-8", "replace")
-    return f"ERR unknown command '{name}', with args beginning with: {shown}"
+    """Redis's own text for an unknown command, as ``processCommand`` builds it: each argument
+    quoted as a C string (up to a NUL), while fewer than 128 bytes are shown, the last one cut to
+    fit. ``replies.error`` turns CR and LF into spaces, as Redis does."""
+    shown = b""
+    for arg in args[1:]:
+        if len(shown) >= _UNKNOWN_ARGS_SHOWN:
+            break
+        shown += b"'" + _c_string(arg)[:_UNKNOWN_ARGS_SHOWN - len(shown)] + b"' "
+    name = _c_string(args[0])[:128].decode("utf-8", "replace")
+    return f"ERR unknown command '{name}', with args beginning with: {shown.decode('utf-8', 'replace')}"
+
+
+def _c_string(arg: bytes) -> bytes:
+    return arg.split(b"\0", 1)[0]
 
 
 def execute(runtime: Runtime, args: list[bytes], *, resp3: bool) -> Reply:

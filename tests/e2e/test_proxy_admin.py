@@ -358,3 +358,50 @@ def test_config_set_takes_integers_as_redis_does(proxy: ProxyProcess, position: 
                 reply = raw.command(name, *given)
                 assert isinstance(reply, ErrorReply) and reply.startswith(b"ERR invalid "), (name, text, reply)
                 assert config_of(raw) == before, (name, text)
+LONGER_NAMES = ("key_evt_amqp.config_getxx", "key_evt_amqp.infox", "key_evt_amqp.INFOx",
+                "KEY_EVT_AMQP.INFO_", "key_evt_amqp.info ", "key_evt_amqp.info\x00",
+                "key_evt_amqp.config_set2", "key_evt_amqp.", "key_evt_amqp.connectconnect")
+
+
+@pytest.mark.parametrize("name", LONGER_NAMES)
+def test_names_longer_than_ours_are_unknown_commands(proxy: ProxyProcess, name: str) -> None:
+    """A name that merely starts like one of ours runs nothing: Redis's unknown-command text,
+    whether the command comes as a multibulk or inline."""
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.fallback_storage_size_set", "777") == b"OK"
+        reply = raw.command(name, "1", "2")
+        shown = name.split("\x00")[0]  # Redis prints C strings: the name ends at a NUL
+        assert reply == ErrorReply(f"ERR unknown command '{shown}', with args beginning with: '1' '2' ".encode())
+        if name.strip() == name and "\x00" not in name:
+            raw.send(f"{name} 3\r\n".encode())
+            inline = raw.read_reply()
+            assert inline == ErrorReply(f"ERR unknown command '{name}', with args beginning with: '3' ".encode())
+        assert config_of(raw)[b"fallback_size"] == b"777"
+        assert raw.command("PING") == b"PONG"
+
+
+def test_our_names_in_any_case_multibulk_and_inline(proxy: ProxyProcess) -> None:
+    with RawClient(proxy.port) as raw:
+        for name in ("KEY_EVT_AMQP.INFO", "key_evt_amqp.INFO", "Key_Evt_Amqp.Info"):
+            assert raw.command(name).startswith(b"# key_evt_amqp\r\n"), name
+            raw.send(f"{name}\r\n".encode())
+            assert raw.read_reply().startswith(b"# key_evt_amqp\r\n"), name
+
+
+def test_unknown_admin_command_quotes_args_as_redis_does(proxy: ProxyProcess, redis_server: RedisServer) -> None:
+    """Redis shows the arguments up to about 128 bytes in all, each as a C string (up to a NUL)."""
+    cases = [
+        [b"a" * 50] * 6,
+        [b"x" * 200, b"y"],
+        [b"a\x00b", b"c"],
+        [b"a\r\nb"],
+        [b""],
+    ]
+    with RawClient(proxy.port) as via_proxy, RawClient(redis_server.port) as direct:
+        for args in cases:
+            expected = direct.command(b"key_evt_amqp_nosuch", *args)
+            assert isinstance(expected, ErrorReply), expected
+            expected = ErrorReply(expected.replace(b"key_evt_amqp_nosuch", b"key_evt_amqp.nosuch"))
+            assert via_proxy.command(b"key_evt_amqp.nosuch", *args) == expected, args
+
+
