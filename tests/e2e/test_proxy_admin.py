@@ -405,3 +405,26 @@ def test_unknown_admin_command_quotes_args_as_redis_does(proxy: ProxyProcess, re
             assert via_proxy.command(b"key_evt_amqp.nosuch", *args) == expected, args
 
 
+def test_events_set_empty_selects_no_class(proxy: ProxyProcess, fresh_redis: redis.Redis) -> None:
+    """`events_set ""` means what an empty FLAGS means on the module's load line: no class, so
+    nothing is forwarded (as after keymask_clean); config_get shows it and events_set puts it back."""
+    key = f"k:{uuid.uuid4().hex}"
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.keymask_set", "ALL") == b"OK"
+        assert raw.command("key_evt_amqp.events_set", "") == b"OK"
+        assert config_of(raw)[b"events"] == b""
+        fresh_redis.config_set("notify-keyspace-events", "KEA")
+        try:
+            before = info_of(raw)
+            fresh_redis.set(key, "v")
+            wait_for(lambda: int(info_of(raw)[b"events_seen"]) > int(before[b"events_seen"]),
+                     message="for the SET event")
+            after = info_of(raw)
+            assert after[b"events_accepted"] == before[b"events_accepted"], after
+            assert int(after[b"events_filtered"]) > int(before[b"events_filtered"]), after
+        finally:
+            assert raw.command("key_evt_amqp.events_set", "xe") == b"OK"
+            assert raw.command("key_evt_amqp.keymask_clean") == b"OK"
+            fresh_redis.config_set("notify-keyspace-events", "xeE")
+
+
