@@ -253,7 +253,8 @@ _OPTIONS = {
         _Option("fallback-key", "KEY", "Redis list holding events while RabbitMQ is away",
                 _field("fallback_key", lambda t: _nonempty(_key_bytes(t))),
                 lambda c: c.fallback_key.decode("utf-8", "backslashreplace")),
-        _Option("events", "LETTERS", f"event classes, from {CLASS_LETTERS} and A (= g$lshztxed)",
+        _Option("events", "LETTERS",
+                f"event classes, from {CLASS_LETTERS} and A (= g$lshztxed); '' for none",
                 _field("events", _events), _shown("events")),
         _Option("keymask", "MASK", "forward keys matching MASK (^ . * $ as in the module; repeat "
                 "the flag for more; ALL for every key)", None, lambda c: "none: nothing forwarded"),
