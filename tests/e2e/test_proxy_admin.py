@@ -8,6 +8,7 @@ treats any command it refuses while queueing.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -428,3 +429,27 @@ def test_events_set_empty_selects_no_class(proxy: ProxyProcess, fresh_redis: red
             fresh_redis.config_set("notify-keyspace-events", "xeE")
 
 
+def test_info_last_error_says_when_and_whether_it_still_holds() -> None:
+    """Issue #8: `last_error` stayed after recovery with nothing to tell it was over. It stays,
+    with the time it last happened (Unix ms) and `last_error_current` (1 until that part works
+    again). Here the part is the keyspace subscription, refused by an ACL and then allowed again."""
+    with RedisServer() as server, ProxyProcess(server.url, ("--amqp", unreachable_amqp_url())) as proxy, \
+            server.client() as admin, RawClient(proxy.port) as raw:
+        # No broker: the gap marker of the outage must not bring a broker error of its own.
+        assert raw.command("key_evt_amqp.disconnect") == ErrorReply(b"AMQP DISCONNECT ERROR: 1")
+        wait_for(lambda: info_of(raw)[b"source_state"] == b"subscribed", message="for the subscription")
+        info = info_of(raw)
+        assert (info[b"last_error"], info[b"last_error_time_ms"], info[b"last_error_current"]) == (b"", b"0", b"0")
+        refused_at = time.time() * 1000
+        admin.execute_command("ACL", "SETUSER", "default", "resetchannels")
+        admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        wait_for(lambda: info_of(raw)[b"last_error_current"] == b"1", message="for the error")
+        info = info_of(raw)
+        assert b"subscription" in info[b"last_error"], info
+        when = int(info[b"last_error_time_ms"])
+        assert refused_at - 1000 <= when <= time.time() * 1000 + 1000, (refused_at, when)
+        admin.execute_command("ACL", "SETUSER", "default", "allchannels")
+        wait_for(lambda: info_of(raw)[b"last_error_current"] == b"0", timeout=30, message="for the recovery")
+        info = info_of(raw)
+        assert info[b"source_state"] == b"subscribed", info
+        assert b"subscription" in info[b"last_error"] and int(info[b"last_error_time_ms"]) >= when, info
