@@ -265,7 +265,9 @@ def _events_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
 def _config_get(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if args:
         return _arity(name)
-    values = {key: _plain(value) for key, value in runtime.config.masked().items()}
+    values: dict[str, object] = {key: _plain(value) for key, value in runtime.config.masked().items()}
+    # Each mask its own bulk string, bytes as given: joined, "a b" + "c" would read as "a" + "b c".
+    values["keymasks"] = list(runtime.config.keymasks)
     return replies.encode(values, resp3=resp3)
 
 
@@ -273,7 +275,8 @@ def _info(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if args:
         return _arity(name)
     lines = ["# key_evt_amqp"]
-    lines += [f"{key}:{_plain(value)}" for key, value in runtime.info().items()]
+    # One field per line: a CR or LF inside a value (an error text) must not forge another field.
+    lines += [f"{key}:{_one_line(_plain(value))}" for key, value in runtime.info().items()]
     return replies.bulk(("\r\n".join(lines) + "\r\n").encode("utf-8", "replace"))
 
 
@@ -292,6 +295,10 @@ def _disconnect(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
     if args:
         return _arity(name)
     return runtime.disconnect()
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _plain(value: object) -> str:

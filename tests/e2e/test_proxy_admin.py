@@ -453,3 +453,18 @@ def test_info_last_error_says_when_and_whether_it_still_holds() -> None:
         info = info_of(raw)
         assert info[b"source_state"] == b"subscribed", info
         assert b"subscription" in info[b"last_error"] and int(info[b"last_error_time_ms"]) >= when, info
+
+
+def test_config_get_gives_each_mask_as_it_is(proxy: ProxyProcess) -> None:
+    """Masks joined by spaces were ambiguous (`a b` + `c` read like `a` + `b c`) and non-UTF-8
+    bytes came back escaped: each mask is now its own bulk string, byte for byte."""
+    masks = [b"a b", b"c", b"\xff\x00\r\n", b"\\xff"]
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.keymask_set", *masks) == b"OK"
+        try:
+            assert config_of(raw)[b"keymasks"] == masks
+            assert raw.command("HELLO", "3")[b"proto"] == 3
+            assert raw.command("key_evt_amqp.config_get")[b"keymasks"] == masks
+        finally:
+            assert raw.command("key_evt_amqp.keymask_clean") == b"OK"
+        assert raw.command("key_evt_amqp.config_get")[b"keymasks"] == []

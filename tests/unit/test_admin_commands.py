@@ -1,6 +1,8 @@
-"""Which names run one of our commands: exactly ours, in any case; nothing longer (issue #8)."""
+"""Our commands without a proxy: which names run one (exactly ours, any case), their texts."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 
@@ -36,3 +38,12 @@ def test_unknown_command_text_is_redis_s() -> None:
         "ERR unknown command 'key_evt_amqp.infox', with args beginning with: ")
     text = admin.unknown_command([b"key_evt_amqp.x", b"a" * 100, b"b" * 100, b"c"])
     assert text.endswith("'" + "a" * 100 + "' '" + "b" * 25 + "' ")
+
+
+def test_info_values_cannot_add_lines() -> None:
+    """An error text with CR/LF (a broker's reply text, say) must not forge an INFO field."""
+    runtime = types.SimpleNamespace(info=lambda: {"last_error": "refused\r\nevents_dropped:0", "gaps": 1})
+    reply = admin.execute(runtime, [b"key_evt_amqp.info"], resp3=False)  # type: ignore[arg-type]
+    assert isinstance(reply, bytes)
+    body = reply.split(b"\r\n", 1)[1]
+    assert body.split(b"\r\n")[:4] == [b"# key_evt_amqp", b"last_error:refused  events_dropped:0", b"gaps:1", b""]
