@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from protocol import replies
 from protocol.commands import admin_verb
 from protocol.events import parse_classes
+from protocol.integers import string2ll
 from protocol.keymask import add_masks
 from proxy.settings import ConfigError, apply_module_args
 
@@ -211,14 +212,25 @@ def _line_start(stream: bytes, end: int) -> int:
     return before + 2 if before >= 0 else 0
 
 
+#: Redis quotes the arguments of an unknown command up to this many bytes in all.
+_UNKNOWN_ARGS_SHOWN = 128
+
+
 def unknown_command(args: list[bytes]) -> str:
-    """Redis's own text for an unknown command (args shown up to 128 bytes each, like Redis)."""
-    shown = "".join(
-        "'" + a[:128].decode("utf-8", "replace").replace("\r", " ").replace("\n", " ") + "' "
-        for a in args[1:]
-    )
-    name = args[0].decode("utf-8", "replace")
-    return f"ERR unknown command '{name}', with args beginning with: {shown}"
+    """Redis's own text for an unknown command, as ``processCommand`` builds it: each argument
+    quoted as a C string (up to a NUL), while fewer than 128 bytes are shown, the last one cut to
+    fit. ``replies.error`` turns CR and LF into spaces, as Redis does."""
+    shown = b""
+    for arg in args[1:]:
+        if len(shown) >= _UNKNOWN_ARGS_SHOWN:
+            break
+        shown += b"'" + _c_string(arg)[:_UNKNOWN_ARGS_SHOWN - len(shown)] + b"' "
+    name = _c_string(args[0])[:128].decode("utf-8", "replace")
+    return f"ERR unknown command '{name}', with args beginning with: {shown.decode('utf-8', 'replace')}"
+
+
+def _c_string(arg: bytes) -> bytes:
+    return arg.split(b"\0", 1)[0]
 
 
 def execute(runtime: Runtime, args: list[bytes], *, resp3: bool) -> Reply:
@@ -266,9 +278,9 @@ def _keymask_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) ->
 def _fallback_size_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if len(args) != 1:
         return _arity(name)
-    try:
-        size = int(args[0])
-    except ValueError:
+    # Any 64-bit integer is a valid size (> 0 cap, 0 unlimited, < 0 off): Redis's rule is the check.
+    size = string2ll(args[0])
+    if size is None:
         return replies.error("ERR value is not an integer or out of range")
     runtime.update(replace(runtime.config, fallback_size=size))
     return OK
@@ -289,7 +301,9 @@ def _events_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
 def _config_get(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if args:
         return _arity(name)
-    values = {key: _plain(value) for key, value in runtime.config.masked().items()}
+    values: dict[str, object] = {key: _plain(value) for key, value in runtime.config.masked().items()}
+    # Each mask its own bulk string, bytes as given: joined, "a b" + "c" would read as "a" + "b c".
+    values["keymasks"] = list(runtime.config.keymasks)
     return replies.encode(values, resp3=resp3)
 
 
@@ -297,7 +311,8 @@ def _info(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if args:
         return _arity(name)
     lines = ["# key_evt_amqp"]
-    lines += [f"{key}:{_plain(value)}" for key, value in runtime.info().items()]
+    # One field per line: a CR or LF inside a value (an error text) must not forge another field.
+    lines += [f"{key}:{_one_line(_plain(value))}" for key, value in runtime.info().items()]
     return replies.bulk(("\r\n".join(lines) + "\r\n").encode("utf-8", "replace"))
 
 
@@ -316,6 +331,10 @@ def _disconnect(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
     if args:
         return _arity(name)
     return runtime.disconnect()
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _plain(value: object) -> str:

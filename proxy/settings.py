@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from protocol.events import CLASS_LETTERS, parse_classes
+from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
 from protocol.keymask import normalize_masks
 from proxy.config import Config, RedisAddress
 
@@ -53,15 +54,16 @@ class ConfigError(Exception):
 
 # -- value parsers: text -> value, or ValueError(reason) ------------------------------------------
 
-_INT = re.compile(r"-?[0-9]{1,19}")
 _FLOAT = re.compile(r"[0-9]{1,12}(\.[0-9]*)?|\.[0-9]+")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _int(text: str, low: int, high: int, expected: str) -> int:
-    if not _INT.fullmatch(text) or not low <= int(text) <= high:
+    # Redis's own syntax for every integer (protocol.integers), then the setting's range.
+    value = string2ll(text)
+    if value is None or not low <= value <= high:
         raise ValueError(expected)
-    return int(text)
+    return value
 
 
 def _port(text: str) -> int:
@@ -78,11 +80,11 @@ def _delivery_mode(text: str) -> int:
 
 
 def _fallback_size(text: str) -> int:
-    return _int(text, -(2**63), 2**63 - 1, "expected an integer (> 0 cap, 0 unlimited, < 0 off)")
+    return _int(text, LLONG_MIN, LLONG_MAX, "expected an integer (> 0 cap, 0 unlimited, < 0 off)")
 
 
 def _positive_int(text: str) -> int:
-    return _int(text, 1, 2**63 - 1, "expected an integer >= 1")
+    return _int(text, 1, LLONG_MAX, "expected an integer >= 1")
 
 
 def _seconds(text: str) -> float:
@@ -153,15 +155,15 @@ def _url(text: str, scheme: str, form: str):  # -> urllib.parse.SplitResult
 def _upstream(text: str) -> dict[str, object]:
     form = "redis://[user:pass@]host:port[/db]"
     parts = _url(text, "redis", form)
-    db = parts.path[1:]
-    if db and not (db.isascii() and db.isdigit()):
+    db = string2ll(parts.path[1:] or "0")
+    if db is None or db < 0:
         raise ValueError(f"expected {form} with db a number >= 0")
     address = RedisAddress(
         host=parts.hostname,
         port=parts.port or 6379,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
-        db=int(db or 0),
+        db=db,
     )
     return {"upstream": address}
 
@@ -251,7 +253,8 @@ _OPTIONS = {
         _Option("fallback-key", "KEY", "Redis list holding events while RabbitMQ is away",
                 _field("fallback_key", lambda t: _nonempty(_key_bytes(t))),
                 lambda c: c.fallback_key.decode("utf-8", "backslashreplace")),
-        _Option("events", "LETTERS", f"event classes, from {CLASS_LETTERS} and A (= g$lshztxed)",
+        _Option("events", "LETTERS",
+                f"event classes, from {CLASS_LETTERS} and A (= g$lshztxed); '' for none",
                 _field("events", _events), _shown("events")),
         _Option("keymask", "MASK", "forward keys matching MASK (^ . * $ as in the module; repeat "
                 "the flag for more; ALL for every key)", None, lambda c: "none: nothing forwarded"),

@@ -178,6 +178,7 @@ class NodeSource(KeyspaceSource):
         if not self.confirmed:
             self.confirmed = self.ever_confirmed = True
             self.confirmed_at_ms = now
+            self.last_error_current = False
             if self._lost_at_ms is not None:  # back on the same node, still a master
                 start, self._lost_at_ms = self._lost_at_ms, None
                 self.on_gap(start, now)
@@ -297,10 +298,6 @@ class ClusterSources:
         self._first: dict[Address, int] = {}
 
     # ---- the interface of KeyspaceSource, as the service uses it ------------------------------
-
-    @property
-    def last_error(self) -> str:
-        return next((s.last_error for s in self.sources.values() if s.last_error and not s.confirmed), "")
 
     @property
     def reconnects(self) -> int:

@@ -105,6 +105,8 @@ class Pipeline:
         self.abandoned_outstanding = 0
         self.list_known_empty = False
         self.last_error = ""
+        self.last_error_ms = 0  # when it last happened (Unix ms)
+        self.last_error_current = False  # until the fallback list answers again
         self.stats = dict.fromkeys((
             "accepted", "published_direct", "confirmed_direct", "to_fallback", "replayed",
             "replay_failures", "dropped_cap", "dropped_off", "dropped_overflow", "skipped_entries",
@@ -216,6 +218,7 @@ class Pipeline:
                     self._list_empty()
                 else:
                     self.publisher.ensure_connected()
+                self.last_error_current = False
                 break
             except LinkError as exc:
                 self._note_error(f"fallback list unavailable: {exc}")
@@ -232,6 +235,7 @@ class Pipeline:
             try:
                 await self._step(replay=True)
                 delay = RETRY_MIN
+                self.last_error_current = False
             except LinkError as exc:
                 self._note_error(f"fallback list unavailable: {exc}")
                 await asyncio.sleep(delay)
@@ -394,5 +398,5 @@ class Pipeline:
             log.error("shutdown: could not store %d event(s) in the fallback list: %s", lost, exc)
 
     def _note_error(self, message: str) -> None:
-        self.last_error = message
+        self.last_error, self.last_error_ms, self.last_error_current = message, now_ms(), True
         self._rlog.warn("pump", "%s", message)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections import deque
 from typing import Any, Protocol
 
@@ -148,6 +149,8 @@ class AmqpPublisher:
         self.sink = sink
         self.state = BrokerState.IDLE
         self.last_error = ""
+        self.last_error_ms = 0  # when it last happened (Unix ms)
+        self.last_error_current = False  # until a connection opens or a message is confirmed
         self.published = 0
         self.confirmed = 0
         self.nacked = 0
@@ -247,8 +250,10 @@ class AmqpPublisher:
             else:
                 confirmed.append((event, batch, index))
         self.confirmed += len(confirmed)
+        if confirmed:
+            self.last_error_current = False
         if failed:
-            self.last_error = "broker refused message(s): nack or unroutable"
+            self._record_error("broker refused message(s): nack or unroutable")
             self._rlog.warn("refused", "amqp: broker refused %d message(s) (nack or unroutable); "
                             "they go to the fallback list", len(failed))
         self.sink.on_settled(confirmed, failed)
@@ -256,7 +261,7 @@ class AmqpPublisher:
     def _on_return(self, message_id: bytes, code: int, text: str) -> None:
         # basic.return comes before the basic.ack of the same message: remember, fail at the ack.
         self._returned_ids.add(message_id)
-        self.last_error = (f"message returned by the broker: {code} {text} (no queue bound to "
+        self._record_error(f"message returned by the broker: {code} {text} (no queue bound to "
                            f"exchange {self.config.exchange!r} with key {self.config.routing_key!r}?)")
         self._rlog.warn("returned", "amqp: %s", self.last_error)
 
@@ -283,6 +288,7 @@ class AmqpPublisher:
                     continue
             connected = False
             self.state = BrokerState.READY
+            self.last_error_current = False
             assert self._lost is not None
             up_since = self._now()
             self.sink.on_ready()
@@ -462,4 +468,7 @@ class AmqpPublisher:
     def _note_error(self, message: str) -> None:
         if message != self.last_error:
             log.warning("amqp: %s", message)
-        self.last_error = message
+        self._record_error(message)
+
+    def _record_error(self, message: str) -> None:
+        self.last_error, self.last_error_ms, self.last_error_current = message, int(time.time() * 1000), True

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
@@ -180,6 +180,7 @@ class EventService:
 
     def info(self) -> dict[str, object]:
         p, s = self.publisher, self.pipeline.stats
+        sources = self.cluster.sources.values() if self.cluster is not None else [self.source]
         return {
             "amqp_state": p.state.value,
             "amqp_connections": p.connections,
@@ -211,7 +212,7 @@ class EventService:
             "source_reconnects": self.source.reconnects,
             "notify_keyspace_events": self.notify_keyspace_events,
             "notify_config_error": self.notify_config_error,
-            "last_error": p.last_error or self.pipeline.last_error or self.source.last_error,
+            **_last_error([p, self.pipeline, *sources]),
             **(self.cluster.info() if self.cluster is not None else {}),
         }
 
@@ -316,3 +317,15 @@ class EventService:
             log.warning("%s; events are forwarded only if an operator enabled them "
                         "(notify-keyspace-events needs E and the selected classes)", message)
         self.notify_config_error = message
+
+
+def _last_error(parts: list[Any]) -> dict[str, object]:
+    """The error ``info`` shows: the latest one that still holds, else the latest one.
+
+    Each part (publisher, pipeline, sources) keeps ``last_error``, ``last_error_ms`` (when it last
+    happened) and ``last_error_current`` (cleared when that part works again)."""
+    latest = max(parts, key=lambda p: (bool(p.last_error), p.last_error_current, p.last_error_ms))
+    if not latest.last_error:
+        return {"last_error": "", "last_error_time_ms": 0, "last_error_current": 0}
+    return {"last_error": latest.last_error, "last_error_time_ms": latest.last_error_ms,
+            "last_error_current": int(latest.last_error_current)}

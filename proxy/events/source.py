@@ -75,6 +75,8 @@ class KeyspaceSource:
         self.on_subscribed = on_subscribed
         self.state = SourceState.STOPPED
         self.last_error = ""
+        self.last_error_ms = 0  # when it last happened (Unix ms)
+        self.last_error_current = False  # until the subscription is back
         self.reconnects = 0
         self._channels: dict[bytes, tuple[int, bytes] | None] = {}
         self._link: RedisLink | None = None
@@ -118,6 +120,7 @@ class KeyspaceSource:
 
     def _subscribed(self) -> None:
         self.state = SourceState.SUBSCRIBED
+        self.last_error_current = False
         if self._lost_at_ms is not None:
             start, self._lost_at_ms = self._lost_at_ms, None
             self.on_gap(start, now_ms())
@@ -171,4 +174,4 @@ class KeyspaceSource:
     def _note_error(self, message: str) -> None:
         if message != self.last_error:
             log.warning("keyspace source: %s", message)
-        self.last_error = message
+        self.last_error, self.last_error_ms, self.last_error_current = message, now_ms(), True

@@ -8,6 +8,7 @@ treats any command it refuses while queueing.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from harness import (TEST_AMQP_PASSWORD, ErrorReply, ProxyProcess, RawClient, RedisServer, TcpTap,
-                     encode_command, unreachable_amqp_url, wait_for)
+                     encode_command, free_port, unreachable_amqp_url, wait_for)
 
 ADMIN_SLOTS = 100  # one admin command every this many commands in the long pipeline
 
@@ -309,3 +310,161 @@ def test_inline_admin_argument_with_quotes(proxy: ProxyProcess) -> None:
         raw.send(f'key_evt_amqp.keymask_add "{mask}"\r\n'.encode())
         assert raw.read_reply() == b"OK"
         assert mask.encode() in flatten(raw.command("key_evt_amqp.config_get"))
+
+
+def config_of(raw: RawClient) -> dict[bytes, Any]:
+    reply = raw.command("key_evt_amqp.config_get")
+    assert isinstance(reply, list), reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+def info_of(raw: RawClient) -> dict[bytes, bytes]:
+    text = raw.command("key_evt_amqp.info")
+    assert isinstance(text, bytes) and not isinstance(text, ErrorReply), text
+    return dict(line.split(b":", 1) for line in text.split(b"\r\n") if line and not line.startswith(b"#"))
+
+
+NOT_AN_INTEGER = ErrorReply(b"ERR value is not an integer or out of range")
+#: Refused by Redis's string2ll, which every integer argument and setting follows.
+BAD_INTEGERS = ("999999999999999999999999999999", "9223372036854775808", "-9223372036854775809",
+                " 5", "5 ", "1_000", "+5", "05", "-0", "00", "", "-", "0x10", "1e3", "5.0",
+                "\u0663", "\uff15")
+
+
+def test_fallback_size_set_takes_integers_as_redis_does(proxy: ProxyProcess) -> None:
+    """Issue #8: the command once took `999999999999999999999999999999`, ` 5` and `1_000`."""
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.fallback_storage_size_set", "4321") == b"OK"
+        for text in BAD_INTEGERS:
+            reply = raw.command("key_evt_amqp.fallback_storage_size_set", text.encode())
+            assert reply == NOT_AN_INTEGER, (text, reply)
+            assert config_of(raw)[b"fallback_size"] == b"4321", text
+        for text in ("0", "-1", "9223372036854775807", "-9223372036854775808"):
+            assert raw.command("key_evt_amqp.fallback_storage_size_set", text) == b"OK", text
+            assert config_of(raw)[b"fallback_size"] == text.encode()
+
+
+@pytest.mark.parametrize("position", [1, 4, 7, 8], ids=["port", "heartbeat", "delivery_mode", "fallback_size"])
+def test_config_set_takes_integers_as_redis_does(proxy: ProxyProcess, position: int) -> None:
+    """The same rule as fallback_storage_size_set, then the setting's own range."""
+    # Nothing listens at the address: a value wrongly accepted must not reach a real broker.
+    args = ["127.0.0.1", str(free_port()), "u", "p", "30", "amq.direct", "rk", "1", "1000"]
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.config_set", *args) == b"OK"
+        before = config_of(raw)
+        for text in (*BAD_INTEGERS, "01"):
+            given = list(args)
+            given[position] = text
+            for name in ("key_evt_amqp.config_set", "key_evt_amqp.connect"):
+                reply = raw.command(name, *given)
+                assert isinstance(reply, ErrorReply) and reply.startswith(b"ERR invalid "), (name, text, reply)
+                assert config_of(raw) == before, (name, text)
+LONGER_NAMES = ("key_evt_amqp.config_getxx", "key_evt_amqp.infox", "key_evt_amqp.INFOx",
+                "KEY_EVT_AMQP.INFO_", "key_evt_amqp.info ", "key_evt_amqp.info\x00",
+                "key_evt_amqp.config_set2", "key_evt_amqp.", "key_evt_amqp.connectconnect")
+
+
+@pytest.mark.parametrize("name", LONGER_NAMES)
+def test_names_longer_than_ours_are_unknown_commands(proxy: ProxyProcess, name: str) -> None:
+    """A name that merely starts like one of ours runs nothing: Redis's unknown-command text,
+    whether the command comes as a multibulk or inline."""
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.fallback_storage_size_set", "777") == b"OK"
+        reply = raw.command(name, "1", "2")
+        shown = name.split("\x00")[0]  # Redis prints C strings: the name ends at a NUL
+        assert reply == ErrorReply(f"ERR unknown command '{shown}', with args beginning with: '1' '2' ".encode())
+        if name.strip() == name and "\x00" not in name:
+            raw.send(f"{name} 3\r\n".encode())
+            inline = raw.read_reply()
+            assert inline == ErrorReply(f"ERR unknown command '{name}', with args beginning with: '3' ".encode())
+        assert config_of(raw)[b"fallback_size"] == b"777"
+        assert raw.command("PING") == b"PONG"
+
+
+def test_our_names_in_any_case_multibulk_and_inline(proxy: ProxyProcess) -> None:
+    with RawClient(proxy.port) as raw:
+        for name in ("KEY_EVT_AMQP.INFO", "key_evt_amqp.INFO", "Key_Evt_Amqp.Info"):
+            assert raw.command(name).startswith(b"# key_evt_amqp\r\n"), name
+            raw.send(f"{name}\r\n".encode())
+            assert raw.read_reply().startswith(b"# key_evt_amqp\r\n"), name
+
+
+def test_unknown_admin_command_quotes_args_as_redis_does(proxy: ProxyProcess, redis_server: RedisServer) -> None:
+    """Redis shows the arguments up to about 128 bytes in all, each as a C string (up to a NUL)."""
+    cases = [
+        [b"a" * 50] * 6,
+        [b"x" * 200, b"y"],
+        [b"a\x00b", b"c"],
+        [b"a\r\nb"],
+        [b""],
+    ]
+    with RawClient(proxy.port) as via_proxy, RawClient(redis_server.port) as direct:
+        for args in cases:
+            expected = direct.command(b"key_evt_amqp_nosuch", *args)
+            assert isinstance(expected, ErrorReply), expected
+            expected = ErrorReply(expected.replace(b"key_evt_amqp_nosuch", b"key_evt_amqp.nosuch"))
+            assert via_proxy.command(b"key_evt_amqp.nosuch", *args) == expected, args
+
+
+def test_events_set_empty_selects_no_class(proxy: ProxyProcess, fresh_redis: redis.Redis) -> None:
+    """`events_set ""` means what an empty FLAGS means on the module's load line: no class, so
+    nothing is forwarded (as after keymask_clean); config_get shows it and events_set puts it back."""
+    key = f"k:{uuid.uuid4().hex}"
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.keymask_set", "ALL") == b"OK"
+        assert raw.command("key_evt_amqp.events_set", "") == b"OK"
+        assert config_of(raw)[b"events"] == b""
+        fresh_redis.config_set("notify-keyspace-events", "KEA")
+        try:
+            before = info_of(raw)
+            fresh_redis.set(key, "v")
+            wait_for(lambda: int(info_of(raw)[b"events_seen"]) > int(before[b"events_seen"]),
+                     message="for the SET event")
+            after = info_of(raw)
+            assert after[b"events_accepted"] == before[b"events_accepted"], after
+            assert int(after[b"events_filtered"]) > int(before[b"events_filtered"]), after
+        finally:
+            assert raw.command("key_evt_amqp.events_set", "xe") == b"OK"
+            assert raw.command("key_evt_amqp.keymask_clean") == b"OK"
+            fresh_redis.config_set("notify-keyspace-events", "xeE")
+
+
+def test_info_last_error_says_when_and_whether_it_still_holds() -> None:
+    """Issue #8: `last_error` stayed after recovery with nothing to tell it was over. It stays,
+    with the time it last happened (Unix ms) and `last_error_current` (1 until that part works
+    again). Here the part is the keyspace subscription, refused by an ACL and then allowed again."""
+    with RedisServer() as server, ProxyProcess(server.url, ("--amqp", unreachable_amqp_url())) as proxy, \
+            server.client() as admin, RawClient(proxy.port) as raw:
+        # No broker: the gap marker of the outage must not bring a broker error of its own.
+        assert raw.command("key_evt_amqp.disconnect") == ErrorReply(b"AMQP DISCONNECT ERROR: 1")
+        wait_for(lambda: info_of(raw)[b"source_state"] == b"subscribed", message="for the subscription")
+        info = info_of(raw)
+        assert (info[b"last_error"], info[b"last_error_time_ms"], info[b"last_error_current"]) == (b"", b"0", b"0")
+        refused_at = time.time() * 1000
+        admin.execute_command("ACL", "SETUSER", "default", "resetchannels")
+        admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        wait_for(lambda: info_of(raw)[b"last_error_current"] == b"1", message="for the error")
+        info = info_of(raw)
+        assert b"subscription" in info[b"last_error"], info
+        when = int(info[b"last_error_time_ms"])
+        assert refused_at - 1000 <= when <= time.time() * 1000 + 1000, (refused_at, when)
+        admin.execute_command("ACL", "SETUSER", "default", "allchannels")
+        wait_for(lambda: info_of(raw)[b"last_error_current"] == b"0", timeout=30, message="for the recovery")
+        info = info_of(raw)
+        assert info[b"source_state"] == b"subscribed", info
+        assert b"subscription" in info[b"last_error"] and int(info[b"last_error_time_ms"]) >= when, info
+
+
+def test_config_get_gives_each_mask_as_it_is(proxy: ProxyProcess) -> None:
+    """Masks joined by spaces were ambiguous (`a b` + `c` read like `a` + `b c`) and non-UTF-8
+    bytes came back escaped: each mask is now its own bulk string, byte for byte."""
+    masks = [b"a b", b"c", b"\xff\x00\r\n", b"\\xff"]
+    with RawClient(proxy.port) as raw:
+        assert raw.command("key_evt_amqp.keymask_set", *masks) == b"OK"
+        try:
+            assert config_of(raw)[b"keymasks"] == masks
+            assert raw.command("HELLO", "3")[b"proto"] == 3
+            assert raw.command("key_evt_amqp.config_get")[b"keymasks"] == masks
+        finally:
+            assert raw.command("key_evt_amqp.keymask_clean") == b"OK"
+        assert raw.command("key_evt_amqp.config_get")[b"keymasks"] == []

@@ -190,6 +190,18 @@ def test_toml_numbers_and_strings(tmp_path: Path) -> None:
         (["--exchange", "x" * 256], "longer than 255 bytes"),
         (["--nope"], "unrecognized arguments: --nope"),
         (["--heartbeat"], "expected one argument"),
+        # One integer rule everywhere, Redis's string2ll: no sign but '-', no blank, no '_', no
+        # leading zero, within 64 bits (issue #8).
+        (["--heartbeat", "030"], "invalid --heartbeat '030'"),
+        (["--heartbeat", "+30"], "invalid --heartbeat '+30'"),
+        (["--fallback-size", "1_000"], "invalid --fallback-size '1_000'"),
+        (["--fallback-size", " 5"], "invalid --fallback-size ' 5'"),
+        (["--fallback-size", "-0"], "invalid --fallback-size '-0'"),
+        (["--fallback-size", "9223372036854775808"], "invalid --fallback-size"),
+        (["--fallback-size", "\u0663"], "invalid --fallback-size"),
+        (["--listen", "127.0.0.1:06380"], "invalid --listen '127.0.0.1:06380'"),
+        (["--max-clients", "0100"], "invalid --max-clients '0100'"),
+        (["--upstream", "redis://h:1/01"], "db a number"),
     ],
 )
 def test_flag_errors(argv: list[str], expected: str) -> None:
@@ -361,6 +373,12 @@ def test_masks_replace_the_current_ones() -> None:
         ([b"h", b"1", b"u", b"p", b"1", b"e", b"r", b"abc"], "invalid delivery_mode 'abc'"),
         ([b"h", b"1", b"u", b"p", b"1", b"e", b"r", b"1", b"x"], "invalid fallback_storage_size"),
         ([b"h", b"1", b"\xff"], "invalid username: not UTF-8"),
+        ([b"h", b"05672"], "invalid port '05672'"),
+        ([b"h", b"+5672"], "invalid port '+5672'"),
+        ([b"h", b"1", b"u", b"p", b"1", b"e", b"r", b"01"], "invalid delivery_mode '01'"),
+        ([b"h", b"1", b"u", b"p", b"1", b"e", b"r", b"1", b" 5"], "invalid fallback_storage_size ' 5'"),
+        ([b"h", b"1", b"u", b"p", b"1", b"e", b"r", b"1", b"1_000"], "invalid fallback_storage_size"),
+        ([b"h", b"1", b"u", b"p", b"1", b"e", b"r", b"1", "\u0663".encode()], "invalid fallback_storage_size"),
     ],
 )
 def test_module_arg_errors(args: list[bytes], expected: str) -> None:

@@ -1,0 +1,33 @@
+"""Redis's integer syntax (``util.c`` ``string2ll``), for every integer argument and setting.
+
+Redis turns an argument into a number only if it is ``0`` or ``-?[1-9][0-9]*`` and fits a signed
+64-bit integer: no ``+``, no blank, no ``_``, no leading zero, no ``-0``, ASCII digits only.
+Python's ``int()`` takes all of those, so it must never see an argument first. What a caller does
+with ``None``: reply ``-ERR value is not an integer or out of range`` (Redis's text), or name the
+setting in its own error; then check the setting's own range.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LLONG_MAX", "LLONG_MIN", "string2ll"]
+
+LLONG_MIN = -(2**63)
+LLONG_MAX = 2**63 - 1
+#: Redis's LONG_STR_SIZE: "-9223372036854775808" plus its NUL. Longer text is refused unread.
+_LONG_STR_SIZE = 21
+
+
+def string2ll(text: bytes | str) -> int | None:
+    """The value of ``text`` if Redis would take it as an integer, else None."""
+    if isinstance(text, str):
+        if not text.isascii():  # str.isdigit() takes other scripts' digits
+            return None
+        text = text.encode("ascii")
+    if not 0 < len(text) < _LONG_STR_SIZE:
+        return None
+    digits = text[1:] if text[:1] == b"-" else text
+    # bytes.isdigit() is ASCII only; "0" alone is the one number that may start with 0.
+    if not digits.isdigit() or (digits[:1] == b"0" and len(text) > 1):
+        return None
+    value = int(text)
+    return value if LLONG_MIN <= value <= LLONG_MAX else None

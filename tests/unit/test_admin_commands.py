@@ -1,0 +1,49 @@
+"""Our commands without a proxy: which names run one (exactly ours, any case), their texts."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from protocol.commands import ADMIN_VERBS, admin_verb
+from proxy import admin
+
+
+def test_every_verb_has_a_handler() -> None:
+    assert set(admin.HANDLERS) == ADMIN_VERBS
+
+
+@pytest.mark.parametrize(
+    ("name", "runs"),
+    [
+        (b"key_evt_amqp.info", True),
+        (b"KEY_EVT_AMQP.INFO", True),
+        (b"Key_Evt_Amqp.Config_Get", True),
+        (b"key_evt_amqp.infox", False),
+        (b"key_evt_amqp.INFOx", False),
+        (b"key_evt_amqp.config_getxx", False),
+        (b"key_evt_amqp.info ", False),
+        (b"key_evt_amqp.info\x00", False),
+        (b"key_evt_amqp.\xc4\xb0nfo", False),  # no Unicode case folding onto ASCII
+        (b"key_evt_amqp.", False),
+    ],
+)
+def test_only_our_exact_names_run(name: bytes, runs: bool) -> None:
+    assert (admin_verb(name) in admin.HANDLERS) is runs
+
+
+def test_unknown_command_text_is_redis_s() -> None:
+    assert admin.unknown_command([b"key_evt_amqp.infox"]) == (
+        "ERR unknown command 'key_evt_amqp.infox', with args beginning with: ")
+    text = admin.unknown_command([b"key_evt_amqp.x", b"a" * 100, b"b" * 100, b"c"])
+    assert text.endswith("'" + "a" * 100 + "' '" + "b" * 25 + "' ")
+
+
+def test_info_values_cannot_add_lines() -> None:
+    """An error text with CR/LF (a broker's reply text, say) must not forge an INFO field."""
+    runtime = types.SimpleNamespace(info=lambda: {"last_error": "refused\r\nevents_dropped:0", "gaps": 1})
+    reply = admin.execute(runtime, [b"key_evt_amqp.info"], resp3=False)  # type: ignore[arg-type]
+    assert isinstance(reply, bytes)
+    body = reply.split(b"\r\n", 1)[1]
+    assert body.split(b"\r\n")[:4] == [b"# key_evt_amqp", b"last_error:refused  events_dropped:0", b"gaps:1", b""]
