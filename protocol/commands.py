@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import enum
 
+from protocol.integers import string2ll
+
 ADMIN_PREFIX = b"key_evt_amqp."
 _PREFIX_LEN = len(ADMIN_PREFIX)
 #: Longer names are never ours (so an unfinished command with a longer name may be relayed).
@@ -71,10 +73,6 @@ def effect_of(args: list[bytes]) -> Effect | None:
     return effect
 
 
-def is_admin(name: bytes) -> bool:
-    return name[:_PREFIX_LEN].lower() == ADMIN_PREFIX
-
-
 def admin_verb(name: bytes) -> str:
     """``b"KEY_EVT_AMQP.Keymask_Add"`` -> ``"keymask_add"``."""
     return name[_PREFIX_LEN:].decode("ascii", "replace").lower()
@@ -84,7 +82,4 @@ def hello_version(args: list[bytes]) -> int | None:
     """The protocol version a HELLO asks for, or None when it asks for none (or a bad one)."""
     if len(args) < 2:
         return None
-    try:
-        return int(args[1])
-    except ValueError:
-        return None
+    return string2ll(args[1])

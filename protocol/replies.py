@@ -76,4 +76,5 @@ def _encode(value: object, resp3: bool, out: list[bytes]) -> None:
 def _line(text: str) -> bytes:
     # A CR or LF inside a simple string or error would end the frame early and desynchronise
     # the client, so they are replaced rather than trusted.
-    return text.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
+    # surrogateescape: text decoded that way (a client's raw bytes) is sent back byte for byte.
+    return text.replace("\r", " ").replace("\n", " ").encode("utf-8", "surrogateescape")

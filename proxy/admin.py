@@ -225,8 +225,9 @@ def unknown_command(args: list[bytes]) -> str:
         if len(shown) >= _UNKNOWN_ARGS_SHOWN:
             break
         shown += b"'" + _c_string(arg)[:_UNKNOWN_ARGS_SHOWN - len(shown)] + b"' "
-    name = _c_string(args[0])[:128].decode("utf-8", "replace")
-    return f"ERR unknown command '{name}', with args beginning with: {shown.decode('utf-8', 'replace')}"
+    # surrogateescape: bytes that are not UTF-8 go back out as the raw bytes Redis echoes.
+    name = _c_string(args[0])[:128].decode("utf-8", "surrogateescape")
+    return f"ERR unknown command '{name}', with args beginning with: {shown.decode('utf-8', 'surrogateescape')}"
 
 
 def _c_string(arg: bytes) -> bytes:

@@ -213,9 +213,6 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client ended its input: pass that on to Redis after what came before it (rule 6)."""
         self._client_eof = True
-        if self.barrier is not None and self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(EOF_BARRIER_WAIT, self._send_eof, True)
         self._send_eof()
         return True  # keep writing to the client: Redis's replies are still on their way
 
@@ -224,6 +221,10 @@ class ClientConnection(asyncio.Protocol):
         if not self._client_eof or self._eof_sent or self.mode is Mode.CLOSING:
             return
         if not force and (self._pauses or self._held or self.barrier is not None):
+            if self.barrier is not None and self._timer is None:
+                # Behind a blocked command our reply would wait forever: pass the end on anyway.
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(EOF_BARRIER_WAIT, self._send_eof, True)
             return
         upstream = self.upstream
         if upstream is None or upstream.transport is None:

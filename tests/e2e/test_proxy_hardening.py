@@ -331,3 +331,11 @@ def test_unreachable_redis_is_logged_once_per_interval() -> None:
                 pass
         lines = [line for line in proxy.log_text().splitlines() if "cannot reach Redis" in line]
         assert 1 <= len(lines) <= 2, lines
+
+
+def test_unknown_command_of_ours_echoes_raw_bytes_like_redis(pair) -> None:  # type: ignore[no-untyped-def]
+    data = encode_command(b"key_evt_amqp.nosuch\xff", b"a\xfe\xc3") + encode_command("PING")
+    direct, _, proxy = pair
+    got, _ = exchange(proxy.port, [data])
+    expected, _ = exchange(direct.port, [data])
+    assert got == expected and b"\xff" in got
