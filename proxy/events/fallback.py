@@ -78,12 +78,7 @@ class FallbackList:
     async def run(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies (errors as values)."""
         link = await self._ensure()
-        futures = link.pipeline(commands)
-        try:
-            return await asyncio.wait_for(asyncio.gather(*futures), OP_TIMEOUT)
-        except asyncio.TimeoutError:
-            link.abort(LinkError("Redis did not answer in time"))
-            raise LinkError(f"Redis did not answer within {OP_TIMEOUT}s") from None
+        return await link.request(commands, OP_TIMEOUT)
 
     async def _checked(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[Any]:
         replies = await self.run(commands)

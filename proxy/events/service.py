@@ -20,16 +20,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import hiredis
-
-from protocol.events import event_class, notify_flags_update, parse_classes
+from protocol.events import event_class, parse_classes
 from protocol.keymask import KeyFilter
 from proxy.config import Config, RedisAddress
 from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
 from proxy.events.fallback import FallbackList
+from proxy.events.flags import ensure_notify_flags
 from proxy.events.message import Event, IdSource, gap_event
 from proxy.events.pipeline import Pipeline
 from proxy.events.publisher import AmqpPublisher, BrokerState
+from proxy.events.redis_link import RedisLink
 from proxy.events.source import KeyspaceSource
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class EventService:
         self.fallback = FallbackList(config.upstream, config.fallback_key, config.connect_timeout)
         self.pipeline = Pipeline(config, self.publisher, self.fallback)
         self.source = KeyspaceSource(config.upstream, config.connect_timeout, self._on_keyspace,
-                                     self._on_gap, self._on_subscribed)
+                                     self._on_gap, self._on_subscribed, self._prepare_source)
         self.seen = 0
         self.filtered = 0
         self.own_keys = 0
@@ -269,7 +269,14 @@ class EventService:
         self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
 
     def _on_subscribed(self) -> None:
-        self._schedule_flags_check()
+        pass  # notify-keyspace-events was checked on the same connection just before
+
+    async def _prepare_source(self, link: RedisLink) -> None:
+        """Before each subscription, on the subscriber's connection (so on the very server it will
+        read): make Redis publish what we select. Redis forgets it on restart; doing it before
+        subscribing makes the subscription's confirmation the end of the gap (``source.py``)."""
+        timeout = self.config.connect_timeout
+        self._flags_checked(*await ensure_notify_flags(lambda c: link.request(c, timeout), self._classes))
 
     # ---- publisher callbacks (relayed to the pipeline) -----------------------------------
 
@@ -289,27 +296,19 @@ class EventService:
             self._flags_task = asyncio.get_running_loop().create_task(self._ensure_notify_flags())
 
     async def _ensure_notify_flags(self) -> None:
-        """Make Redis publish the classes we forward, keeping every letter someone else set."""
+        """The selection changed at run time: make Redis publish the classes we forward now."""
         try:
-            reply = await self.fallback.run([("CONFIG", "GET", "notify-keyspace-events")])
-            if isinstance(reply[0], hiredis.ReplyError) or len(reply[0]) < 2:
-                self._config_refused(f"CONFIG GET refused: {reply[0]}")
-                return
-            current = reply[0][1].decode()
-            self.notify_keyspace_events = current
-            wanted = notify_flags_update(current, self._classes)
-            if wanted is None:
-                self.notify_config_error = ""
-                return
-            (answer,) = await self.fallback.run([("CONFIG", "SET", "notify-keyspace-events", wanted)])
-            if isinstance(answer, hiredis.ReplyError):
-                self._config_refused(f"CONFIG SET notify-keyspace-events {wanted} refused: {answer}")
-                return
-            self.notify_keyspace_events = wanted
-            self.notify_config_error = ""
-            log.info("notify-keyspace-events changed from %r to %r", current, wanted)
+            self._flags_checked(*await ensure_notify_flags(self.fallback.run, self._classes))
         except LinkError as exc:
             self._config_refused(f"cannot check notify-keyspace-events: {exc}")
+
+    def _flags_checked(self, value: str, error: str) -> None:
+        if value:
+            self.notify_keyspace_events = value
+        if error:
+            self._config_refused(error)
+        else:
+            self.notify_config_error = ""
 
     def _config_refused(self, message: str) -> None:
         if message != self.notify_config_error:
