@@ -45,15 +45,26 @@ log = logging.getLogger("proxy.events")
 CLASS_CACHE_LIMIT = 4096
 STOP_CONFIRM_GRACE = 2.0  # seconds at shutdown to wait for outstanding confirms
 STOP_STORE_TIMEOUT = 5.0  # seconds at shutdown to write the unconfirmed events to the list
+#: Every key whose name contains this belongs to a fallback list, ours or another instance's: no
+#: instance forwards events of such keys, whatever its own key and db. (Two proxies with other
+#: keys would otherwise forward each other's RPUSH events into their own lists, for ever.)
+RESERVED = b"key_evt_amqp"
 CLUSTER_FALLBACK_KEY = b"{key_evt_amqp}:fallback"
 
 
+def fallback_key_for(key: bytes) -> bytes:
+    """The fallback list's key: ``key`` itself if it is in the reserved namespace (it contains
+    ``key_evt_amqp``, as the module's default does), else ``key`` + ``:key_evt_amqp``."""
+    return key if RESERVED in key else key + b":" + RESERVED
+
+
 def cluster_fallback_key(key: bytes) -> bytes:
-    """The fallback list's key in cluster mode: ``key`` if it has a hash tag, else the default
-    ``{key_evt_amqp}:fallback`` (one slot, whichever master owns it)."""
+    """The fallback list's key in cluster mode: ``key`` (in the reserved namespace, as
+    :func:`fallback_key_for`) if it has a hash tag, else the default ``{key_evt_amqp}:fallback``
+    (one slot, whichever master owns it)."""
     start = key.find(b"{")
     if start >= 0 and key.find(b"}", start + 1) > start + 1:
-        return key
+        return fallback_key_for(key)
     return CLUSTER_FALLBACK_KEY
 
 
@@ -64,7 +75,8 @@ class EventService:
         self.config = config
         self._ids = IdSource()
         self.publisher = AmqpPublisher(config, self)  # the service relays on_ready/on_settled
-        self.fallback = FallbackList(config.upstream, config.fallback_key, config.connect_timeout)
+        self.fallback = FallbackList(config.upstream, fallback_key_for(config.fallback_key),
+                                     config.connect_timeout)
         self.pipeline = Pipeline(config, self.publisher, self.fallback)
         self.source = KeyspaceSource(config.upstream, config.connect_timeout, self._on_keyspace,
                                      self._on_gap, self._on_subscribed, self._prepare_source)
@@ -112,7 +124,6 @@ class EventService:
         self.fallback.address = locate()
         self.cluster = ClusterSources(self, topology)
         self.source = self.cluster  # type: ignore[assignment]
-        self._own_key, self._own_db = key, 0
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -120,9 +131,6 @@ class EventService:
         self._classes = parse_classes(config.events)
         self._class_ok: dict[bytes, bool] = {}
         self._keys = KeyFilter(config.keymasks)
-        if getattr(self, "cluster", None) is None:
-            self._own_key = config.fallback_key
-            self._own_db = config.upstream.db
 
     def apply_config(self, config: Config) -> None:
         """Use ``config`` from now on: filters, exchange, routing key and delivery mode for the
@@ -142,6 +150,9 @@ class EventService:
 
     async def start(self) -> None:
         """Subscribe to Redis and start the fallback pump; the broker connects on the first event."""
+        if RESERVED not in self.config.fallback_key:
+            log.warning("the fallback key %r is outside the reserved namespace (names containing %r): "
+                        "the list is %r", self.config.fallback_key, RESERVED, self.fallback.key)
         await self.pipeline.start()
         await self.source.start()
 
@@ -205,6 +216,7 @@ class EventService:
             "events_dropped_overflow": s["dropped_overflow"],
             "fallback_skipped_entries": s["skipped_entries"],
             "fallback_length": self.fallback.length,
+            "fallback_key": self.fallback.key.decode("utf-8", "backslashreplace"),
             "replay_failures": s["replay_failures"],
             "gaps": self.gaps,
             "gap_ms_total": self.gap_ms,
@@ -234,7 +246,7 @@ class EventService:
         if not ok or not self._keys.matches(key):
             self.filtered += 1
             return
-        if key == self._own_key and db == self._own_db:
+        if RESERVED in key:  # a fallback list (any instance's): forwarding it would loop
             self.own_keys += 1
             return
         self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key,
