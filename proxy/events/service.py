@@ -77,6 +77,7 @@ class EventService:
         self.publisher = AmqpPublisher(config, self)  # the service relays on_ready/on_settled
         self.fallback = FallbackList(config.upstream, fallback_key_for(config.fallback_key),
                                      config.connect_timeout)
+        self.fallback.on_lost = self._fallback_lost
         self.pipeline = Pipeline(config, self.publisher, self.fallback)
         self.source = KeyspaceSource(config.upstream, config.connect_timeout, self._on_keyspace,
                                      self._on_gap, self._on_subscribed, self._prepare_source)
@@ -210,10 +211,12 @@ class EventService:
             "events_to_fallback": s["to_fallback"],
             "events_replayed": s["replayed"],
             "events_waiting_for_fallback": len(self.pipeline.spill) + len(self.pipeline.failed_direct),
-            "events_dropped": s["dropped_cap"] + s["dropped_off"] + s["dropped_overflow"],
+            "events_dropped": s["dropped_cap"] + s["dropped_off"] + s["dropped_overflow"] + self.fallback.lost,
             "events_dropped_fallback_full": s["dropped_cap"],
             "events_dropped_fallback_off": s["dropped_off"],
             "events_dropped_overflow": s["dropped_overflow"],
+            "events_dropped_fallback_lost": self.fallback.lost,
+            "fallback_restored": self.fallback.restored,
             "fallback_skipped_entries": s["skipped_entries"],
             "fallback_length": self.fallback.length,
             "fallback_key": self.fallback.key.decode("utf-8", "backslashreplace"),
@@ -265,6 +268,14 @@ class EventService:
                     "subscription); a gap marker follows in the stream", source.decode(), start_ms,
                     end_ms, end_ms - start_ms)
         self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source, headers))
+
+    def _fallback_lost(self, count: int, start_ms: int, end_ms: int) -> Event:
+        """The fallback list vanished and ``count`` of its elements were not in memory: the gap
+        marker that takes their place (``headers`` say why and how many)."""
+        address = self.fallback.address
+        source = f"{address.host}:{address.port}".encode()
+        headers = ((b"reason", b"fallback_lost"), (b"lost", b"%d" % count))
+        return gap_event(self._ids.next(), int(time.time() * 1000), start_ms, end_ms, source, headers)
 
     def cluster_flags_checked(self, summary: str, error: str) -> None:
         self.notify_keyspace_events = summary
