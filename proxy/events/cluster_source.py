@@ -20,7 +20,9 @@ master gets a source, the old one is dropped, and once the new source's first ``
 ``master`` a gap marker naming the shard (slot ranges), the old node and the new one is published
 *before* the new master's first event. The marker's window starts at the last event the old master
 delivered (at most 10 s before its last ``ROLE`` confirmation: the longest pause of a manual
-failover), and ends when the new subscription was confirmed.
+failover), and ends when the new subscription was confirmed. Each connection sets the node's
+``notify-keyspace-events`` *before* it subscribes (a restarted node has forgotten it), so from that
+confirmation on the node emits everything selected.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import hiredis
@@ -37,6 +39,7 @@ from protocol.events import notify_flags_update
 from proxy.cluster.topology import Address, SlotMap, Topology, query
 from proxy.config import RedisAddress
 from proxy.events.errors import LinkError
+from proxy.events.flags import ensure_notify_flags
 from proxy.events.message import encode_headers
 from proxy.events.redis_link import RedisLink, open_link
 from proxy.events.source import PATTERN, KeyspaceSource, SourceState, now_ms, parse_channel
@@ -85,8 +88,9 @@ class NodeSource(KeyspaceSource):
                  on_event: Callable[[int, bytes, bytes], None],
                  on_gap: Callable[[int, int], None],
                  on_subscribed: Callable[[], None],
-                 on_trouble: Callable[[], None]) -> None:
-        super().__init__(address, connect_timeout, on_event, on_gap, on_subscribed)
+                 on_trouble: Callable[[], None],
+                 prepare: Callable[[RedisLink], Awaitable[None]] | None = None) -> None:
+        super().__init__(address, connect_timeout, on_event, on_gap, on_subscribed, prepare)
         self.on_trouble = on_trouble
         self.created_ms = now_ms()
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -96,8 +100,8 @@ class NodeSource(KeyspaceSource):
         self.confirmed = False  # the current subscription's ROLE said master
         self.ever_confirmed = False
         self.confirmed_at_ms = 0
-        self.certified_ms = 0  # last ROLE master reply
-        self.last_event_ms = 0  # last release of events
+        self.certified_ms = 0  # when the last ROLE that Redis answered with master was sent
+        self.last_event_ms = 0  # the same, for the last ROLE that released events
         self.demoted = False
         self.events = 0
         self.dropped = 0  # held events dropped (node demoted or lost before a ROLE answer)
@@ -105,6 +109,7 @@ class NodeSource(KeyspaceSource):
         self._held: list[tuple[int, bytes, bytes]] = []
         self._probe_out = False
         self._probe_sent = 0.0
+        self._probe_sent_ms = 0
 
     def set_identity(self, node_id: str, shard: str, address: Address) -> None:
         self.node_id, self.shard = node_id, shard
@@ -149,7 +154,7 @@ class NodeSource(KeyspaceSource):
                 if not self._probe_out:
                     self._probe()
             elif reply[0] == b"pong":
-                self._pong_due = False
+                self._last_pong = time.monotonic()
         elif kind is list:  # the ROLE reply
             self._probe_out = False
             if reply and reply[0] == b"master":
@@ -157,7 +162,7 @@ class NodeSource(KeyspaceSource):
             else:
                 self._demoted(reply)
         elif kind is bytes:  # +PONG
-            self._pong_due = False
+            self._last_pong = time.monotonic()
         else:  # an error reply: PSUBSCRIBE or ROLE refused
             self._probe_out = False
             self._note_error(f"Redis refused the subscription or ROLE: {reply}")
@@ -169,12 +174,16 @@ class NodeSource(KeyspaceSource):
             return
         self._probe_out = True
         self._probe_sent = time.monotonic()
+        self._probe_sent_ms = now_ms()
         self.probes += 1
         self._link.send_unanswered("ROLE")
 
     def _certified(self) -> None:
         now = now_ms()
-        self.certified_ms = now
+        # Redis ran the ROLE after it was sent: every event of a write executed before the send
+        # arrived ahead of this reply (a later gap may start there, not at the reply)
+        sent = self._probe_sent_ms
+        self.certified_ms = sent
         if not self.confirmed:
             self.confirmed = self.ever_confirmed = True
             self.confirmed_at_ms = now
@@ -186,7 +195,7 @@ class NodeSource(KeyspaceSource):
         held = self._held
         if held:
             self._held = []
-            self.last_event_ms = now
+            self.last_event_ms = sent
             self.events += len(held)
             on_event = self.on_event
             for db, name, key in held:
@@ -220,6 +229,13 @@ class NodeSource(KeyspaceSource):
                 link = await open_link(self.address, self.connect_timeout, select_db=False,
                                        on_push=self._on_push, on_lost=self._on_lost)
                 self._link = link
+                if self.prepare is not None:
+                    # notify-keyspace-events on this very node before subscribing (as source.py)
+                    try:
+                        await self.prepare(link)
+                    except LinkError:
+                        link.close()
+                        raise
                 try:
                     hello = await asyncio.wait_for(link.execute("HELLO", "3"), self.connect_timeout)
                 except asyncio.TimeoutError:
@@ -402,8 +418,19 @@ class ClusterSources:
         def on_subscribed() -> None:
             self._confirmed(address)
 
+        async def prepare(link: RedisLink) -> None:
+            timeout = self.service.config.connect_timeout
+            value, error = await ensure_notify_flags(lambda c: link.request(c, timeout), self.service.classes,
+                                                     node_name(address))
+            if value:
+                self.notify[address] = value
+            if error:
+                self.notify_errors[address] = error
+            else:
+                self.notify_errors.pop(address, None)
+
         source = NodeSource(node, self.service.config.connect_timeout, on_event, on_gap, on_subscribed,
-                            self._trouble)
+                            self._trouble, prepare)
         self.sources[address] = source
         log.info("keyspace source for master %s", node_name(address))
         source._task = asyncio.get_running_loop().create_task(source._run(),

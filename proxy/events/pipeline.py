@@ -52,6 +52,7 @@ REPLAY_BATCHES = 2  # replay batches in flight at once
 RETRY_MIN = 0.5  # seconds before replaying again after a failed batch
 RETRY_MAX = 10.0
 TICK = 1.0  # the pump wakes at least this often
+LIST_CHECK = 1.0  # seconds without a list operation before its length is checked (it may vanish)
 
 
 class Mode(enum.Enum):
@@ -117,6 +118,7 @@ class Pipeline:
         self._task: asyncio.Task[None] | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
+        fallback.on_reset = self._list_reset
 
     # ---- hot path ---------------------------------------------------------------------------
 
@@ -250,6 +252,10 @@ class Pipeline:
         if self.mode is Mode.HOLDING and self.publisher.state in (BrokerState.BACKOFF, BrokerState.DISABLED):
             # The connection attempt failed: held events are safer in the list than in memory.
             self._start_spilling(connect=False)
+        fallback = self.fallback
+        if fallback.length and time.monotonic() - fallback.last_op >= LIST_CHECK:
+            # nothing touched the list for a while (broker down): is it still there? (fallback.py)
+            await fallback.refresh_length()
         await self._settle_batches()
         await self._store()
         if replay:
@@ -328,7 +334,11 @@ class Pipeline:
                 return
             offset = sum(b.n - b.trimmed for b in self.batches)
             count = size
+            epoch = self.fallback.epoch
             entries = await self.fallback.read(offset, count, now_ms())
+            if self.fallback.epoch != epoch:
+                self._wake.set()  # the list changed under us: ``offset`` was void, start over
+                return
             if publisher.state is not BrokerState.READY or self.mode is not Mode.SPILLING:
                 return  # the broker went away meanwhile: read again later
             if not entries:
@@ -354,6 +364,20 @@ class Pipeline:
         self.batches.append(batch)
         if not batch.outstanding:
             self._wake.set()
+
+    def _list_reset(self) -> None:
+        """The list changed under us (deleted, flushed, ...): the batches read from it are void.
+
+        Their confirms are ignored from now on (as after a failed batch); what the list copy
+        restores is replayed again, with the same ids (duplicates, never a loss).
+        """
+        for batch in self.batches:
+            batch.abandoned = True
+            self.abandoned_outstanding += batch.outstanding
+        self.batches.clear()
+        if self.mode is not Mode.SPILLING:
+            self._start_spilling(connect=False)
+        self._wake.set()
 
     def _list_empty(self) -> None:
         self.list_known_empty = True

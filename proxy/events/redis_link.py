@@ -100,6 +100,19 @@ class RedisLink(asyncio.Protocol):
         self._transport.write(b"".join(encode_command(c) for c in commands))
         return futures
 
+    async def request(self, commands: Sequence[Sequence[bytes | str | int]], timeout: float) -> list[Any]:
+        """Send ``commands`` in one write and return their replies (errors as values).
+
+        Raises LinkError when the link fails, or when ``timeout`` seconds pass without every reply
+        (the link is aborted then: its replies would no longer match their commands).
+        """
+        futures = self.pipeline(commands)
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except asyncio.TimeoutError:
+            self.abort(LinkError("Redis did not answer in time"))
+            raise LinkError(f"Redis did not answer within {timeout}s") from None
+
     def send_unanswered(self, *args: bytes | str | int) -> None:
         """Send a command whose replies go to ``on_push`` (PSUBSCRIBE, PING when subscribed)."""
         if self.closed or self._transport is None:

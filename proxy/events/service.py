@@ -20,16 +20,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import hiredis
-
-from protocol.events import event_class, notify_flags_update, parse_classes
+from protocol.events import event_class, parse_classes
 from protocol.keymask import KeyFilter
 from proxy.config import Config, RedisAddress
 from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
 from proxy.events.fallback import FallbackList
+from proxy.events.flags import ensure_notify_flags
 from proxy.events.message import Event, IdSource, gap_event
 from proxy.events.pipeline import Pipeline
 from proxy.events.publisher import AmqpPublisher, BrokerState
+from proxy.events.redis_link import RedisLink
 from proxy.events.source import KeyspaceSource
 
 if TYPE_CHECKING:
@@ -45,15 +45,26 @@ log = logging.getLogger("proxy.events")
 CLASS_CACHE_LIMIT = 4096
 STOP_CONFIRM_GRACE = 2.0  # seconds at shutdown to wait for outstanding confirms
 STOP_STORE_TIMEOUT = 5.0  # seconds at shutdown to write the unconfirmed events to the list
+#: Every key whose name contains this belongs to a fallback list, ours or another instance's: no
+#: instance forwards events of such keys, whatever its own key and db. (Two proxies with other
+#: keys would otherwise forward each other's RPUSH events into their own lists, for ever.)
+RESERVED = b"key_evt_amqp"
 CLUSTER_FALLBACK_KEY = b"{key_evt_amqp}:fallback"
 
 
+def fallback_key_for(key: bytes) -> bytes:
+    """The fallback list's key: ``key`` itself if it is in the reserved namespace (it contains
+    ``key_evt_amqp``, as the module's default does), else ``key`` + ``:key_evt_amqp``."""
+    return key if RESERVED in key else key + b":" + RESERVED
+
+
 def cluster_fallback_key(key: bytes) -> bytes:
-    """The fallback list's key in cluster mode: ``key`` if it has a hash tag, else the default
-    ``{key_evt_amqp}:fallback`` (one slot, whichever master owns it)."""
+    """The fallback list's key in cluster mode: ``key`` (in the reserved namespace, as
+    :func:`fallback_key_for`) if it has a hash tag, else the default ``{key_evt_amqp}:fallback``
+    (one slot, whichever master owns it)."""
     start = key.find(b"{")
     if start >= 0 and key.find(b"}", start + 1) > start + 1:
-        return key
+        return fallback_key_for(key)
     return CLUSTER_FALLBACK_KEY
 
 
@@ -64,10 +75,12 @@ class EventService:
         self.config = config
         self._ids = IdSource()
         self.publisher = AmqpPublisher(config, self)  # the service relays on_ready/on_settled
-        self.fallback = FallbackList(config.upstream, config.fallback_key, config.connect_timeout)
+        self.fallback = FallbackList(config.upstream, fallback_key_for(config.fallback_key),
+                                     config.connect_timeout)
+        self.fallback.on_lost = self._fallback_lost
         self.pipeline = Pipeline(config, self.publisher, self.fallback)
         self.source = KeyspaceSource(config.upstream, config.connect_timeout, self._on_keyspace,
-                                     self._on_gap, self._on_subscribed)
+                                     self._on_gap, self._on_subscribed, self._prepare_source)
         self.seen = 0
         self.filtered = 0
         self.own_keys = 0
@@ -112,7 +125,6 @@ class EventService:
         self.fallback.address = locate()
         self.cluster = ClusterSources(self, topology)
         self.source = self.cluster  # type: ignore[assignment]
-        self._own_key, self._own_db = key, 0
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -120,9 +132,6 @@ class EventService:
         self._classes = parse_classes(config.events)
         self._class_ok: dict[bytes, bool] = {}
         self._keys = KeyFilter(config.keymasks)
-        if getattr(self, "cluster", None) is None:
-            self._own_key = config.fallback_key
-            self._own_db = config.upstream.db
 
     def apply_config(self, config: Config) -> None:
         """Use ``config`` from now on: filters, exchange, routing key and delivery mode for the
@@ -142,6 +151,9 @@ class EventService:
 
     async def start(self) -> None:
         """Subscribe to Redis and start the fallback pump; the broker connects on the first event."""
+        if RESERVED not in self.config.fallback_key:
+            log.warning("the fallback key %r is outside the reserved namespace (names containing %r): "
+                        "the list is %r", self.config.fallback_key, RESERVED, self.fallback.key)
         await self.pipeline.start()
         await self.source.start()
 
@@ -200,12 +212,15 @@ class EventService:
             "events_to_fallback": s["to_fallback"],
             "events_replayed": s["replayed"],
             "events_waiting_for_fallback": len(self.pipeline.spill) + len(self.pipeline.failed_direct),
-            "events_dropped": s["dropped_cap"] + s["dropped_off"] + s["dropped_overflow"],
+            "events_dropped": s["dropped_cap"] + s["dropped_off"] + s["dropped_overflow"] + self.fallback.lost,
             "events_dropped_fallback_full": s["dropped_cap"],
             "events_dropped_fallback_off": s["dropped_off"],
             "events_dropped_overflow": s["dropped_overflow"],
+            "events_dropped_fallback_lost": self.fallback.lost,
+            "fallback_restored": self.fallback.restored,
             "fallback_skipped_entries": s["skipped_entries"],
             "fallback_length": self.fallback.length,
+            "fallback_key": self.fallback.key.decode("utf-8", "backslashreplace"),
             "replay_failures": s["replay_failures"],
             "gaps": self.gaps,
             "gap_ms_total": self.gap_ms,
@@ -235,7 +250,7 @@ class EventService:
         if not ok or not self._keys.matches(key):
             self.filtered += 1
             return
-        if key == self._own_key and db == self._own_db:
+        if RESERVED in key:  # a fallback list (any instance's): forwarding it would loop
             self.own_keys += 1
             return
         self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key,
@@ -255,6 +270,14 @@ class EventService:
                     end_ms, end_ms - start_ms)
         self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source, headers))
 
+    def _fallback_lost(self, count: int, start_ms: int, end_ms: int) -> Event:
+        """The fallback list vanished and ``count`` of its elements were not in memory: the gap
+        marker that takes their place (``headers`` say why and how many)."""
+        address = self.fallback.address
+        source = f"{address.host}:{address.port}".encode()
+        headers = ((b"reason", b"fallback_lost"), (b"lost", b"%d" % count))
+        return gap_event(self._ids.next(), int(time.time() * 1000), start_ms, end_ms, source, headers)
+
     def cluster_flags_checked(self, summary: str, error: str) -> None:
         self.notify_keyspace_events = summary
         if error and error != self.notify_config_error:
@@ -270,7 +293,14 @@ class EventService:
         self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
 
     def _on_subscribed(self) -> None:
-        self._schedule_flags_check()
+        pass  # notify-keyspace-events was checked on the same connection just before
+
+    async def _prepare_source(self, link: RedisLink) -> None:
+        """Before each subscription, on the subscriber's connection (so on the very server it will
+        read): make Redis publish what we select. Redis forgets it on restart; doing it before
+        subscribing makes the subscription's confirmation the end of the gap (``source.py``)."""
+        timeout = self.config.connect_timeout
+        self._flags_checked(*await ensure_notify_flags(lambda c: link.request(c, timeout), self._classes))
 
     # ---- publisher callbacks (relayed to the pipeline) -----------------------------------
 
@@ -290,27 +320,19 @@ class EventService:
             self._flags_task = asyncio.get_running_loop().create_task(self._ensure_notify_flags())
 
     async def _ensure_notify_flags(self) -> None:
-        """Make Redis publish the classes we forward, keeping every letter someone else set."""
+        """The selection changed at run time: make Redis publish the classes we forward now."""
         try:
-            reply = await self.fallback.run([("CONFIG", "GET", "notify-keyspace-events")])
-            if isinstance(reply[0], hiredis.ReplyError) or len(reply[0]) < 2:
-                self._config_refused(f"CONFIG GET refused: {reply[0]}")
-                return
-            current = reply[0][1].decode()
-            self.notify_keyspace_events = current
-            wanted = notify_flags_update(current, self._classes)
-            if wanted is None:
-                self.notify_config_error = ""
-                return
-            (answer,) = await self.fallback.run([("CONFIG", "SET", "notify-keyspace-events", wanted)])
-            if isinstance(answer, hiredis.ReplyError):
-                self._config_refused(f"CONFIG SET notify-keyspace-events {wanted} refused: {answer}")
-                return
-            self.notify_keyspace_events = wanted
-            self.notify_config_error = ""
-            log.info("notify-keyspace-events changed from %r to %r", current, wanted)
+            self._flags_checked(*await ensure_notify_flags(self.fallback.run, self._classes))
         except LinkError as exc:
             self._config_refused(f"cannot check notify-keyspace-events: {exc}")
+
+    def _flags_checked(self, value: str, error: str) -> None:
+        if value:
+            self.notify_keyspace_events = value
+        if error:
+            self._config_refused(error)
+        else:
+            self.notify_config_error = ""
 
     def _config_refused(self, message: str) -> None:
         if message != self.notify_config_error:

@@ -7,7 +7,15 @@ Whoever receives it must not block either (the service queues it in memory or fo
 When the connection drops, the source reconnects with backoff. Events published meanwhile are lost
 by nature (pub/sub is fire and forget); once subscribed again the source calls
 ``on_gap(start_ms, end_ms)`` *before* the first event of the new subscription, so the marker sits in
-the stream exactly where the hole is.
+the stream exactly where the hole is. The window is chosen so that every write whose event did not
+arrive lies inside it:
+
+- start: the last moment up to which every event is known to have arrived. A ``PING <now>`` goes
+  out every :data:`PING_INTERVAL`; Redis answers it behind every event it published before, so
+  its ``PONG`` proves that nothing executed before the ``PING`` was sent is missing.
+- end: the confirmation of the new subscription, which is sent only after ``prepare(link)`` ran on
+  the same connection: the service sets ``notify-keyspace-events`` there first (a restarted Redis
+  has lost it), so from the confirmation on Redis emits everything selected.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.config import RedisAddress
@@ -29,7 +37,8 @@ log = logging.getLogger("proxy.events.source")
 
 PATTERN = b"__keyevent@*__:*"
 _PREFIX = b"__keyevent@"
-PING_INTERVAL = 5.0  # seconds between liveness PINGs on an idle subscription
+PING_INTERVAL = 1.0  # seconds between PINGs: each PONG moves the start of a future gap up
+PONG_TIMEOUT = 5.0  # seconds without a PONG before the connection counts as dead
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 5.0
 #: Distinct channels remembered (db x event name); past it the cache is cleared and refilled.
@@ -67,12 +76,15 @@ class KeyspaceSource:
     def __init__(self, address: RedisAddress, connect_timeout: float,
                  on_event: Callable[[int, bytes, bytes], None],
                  on_gap: Callable[[int, int], None],
-                 on_subscribed: Callable[[], None]) -> None:
+                 on_subscribed: Callable[[], None],
+                 prepare: Callable[[RedisLink], Awaitable[None]] | None = None) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
         self.on_event = on_event
         self.on_gap = on_gap
         self.on_subscribed = on_subscribed
+        #: runs on each new connection before it subscribes; raises LinkError to retry
+        self.prepare = prepare
         self.state = SourceState.STOPPED
         self.last_error = ""
         self.last_error_ms = 0  # when it last happened (Unix ms)
@@ -82,7 +94,9 @@ class KeyspaceSource:
         self._link: RedisLink | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost_at_ms: int | None = None
-        self._pong_due = False
+        #: every event of a write Redis executed before this moment (Unix ms) has arrived
+        self._good_ms = 0
+        self._last_pong = 0.0  # time.monotonic() of the last PONG (or of the subscription)
         self._lost: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -116,14 +130,24 @@ class KeyspaceSource:
         elif reply[0] == b"psubscribe":
             self._subscribed()
         elif reply[0] == b"pong":
-            self._pong_due = False
+            self._pong(reply)
+
+    def _pong(self, reply: list[Any]) -> None:
+        """``["pong", b"<ms the PING was sent>"]``: nothing executed before then is missing."""
+        self._last_pong = time.monotonic()
+        try:
+            self._good_ms = max(self._good_ms, int(reply[1]))
+        except (IndexError, TypeError, ValueError):
+            pass
 
     def _subscribed(self) -> None:
         self.state = SourceState.SUBSCRIBED
         self.last_error_current = False
+        now = self._good_ms = now_ms()
+        self._last_pong = time.monotonic()
         if self._lost_at_ms is not None:
             start, self._lost_at_ms = self._lost_at_ms, None
-            self.on_gap(start, now_ms())
+            self.on_gap(start, max(start, now))
         self.on_subscribed()
 
     def _on_lost(self, exc: BaseException | None) -> None:
@@ -136,38 +160,43 @@ class KeyspaceSource:
         while True:
             self.state = SourceState.CONNECTING
             self._lost = loop.create_future()
+            link: RedisLink | None = None
             try:
-                self._link = await open_link(self.address, self.connect_timeout, select_db=False,
-                                             on_push=self._on_push, on_lost=self._on_lost)
-                self._link.send_unanswered("PSUBSCRIBE", PATTERN)
+                link = self._link = await open_link(self.address, self.connect_timeout, select_db=False,
+                                                    on_push=self._on_push, on_lost=self._on_lost)
+                if self.prepare is not None:
+                    await self.prepare(link)
+                link.send_unanswered("PSUBSCRIBE", PATTERN)
             except LinkError as exc:
+                if link is not None:
+                    link.close()
                 self._note_error(str(exc))
                 self.state = SourceState.BACKOFF
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_MIN
-            await self._watch(self._link, self._lost)
+            await self._watch(link, self._lost)
             if self._lost_at_ms is None and self.state is SourceState.SUBSCRIBED:
-                self._lost_at_ms = now_ms()
+                self._lost_at_ms = self._good_ms
                 self.reconnects += 1
             self._note_error(f"subscription to {self.address.masked_url()} lost")
             self.state = SourceState.BACKOFF
             await asyncio.sleep(RECONNECT_MIN)
 
     async def _watch(self, link: RedisLink, lost: asyncio.Future[None]) -> None:
-        """Return when the link is lost; PING it when idle so a dead peer is noticed."""
-        self._pong_due = False
+        """Return when the link is lost; PING it every :data:`PING_INTERVAL` (see the module
+        docstring) and give up on it after :data:`PONG_TIMEOUT` without a PONG."""
+        self._last_pong = time.monotonic()
         while not lost.done():
             try:
                 await asyncio.wait_for(asyncio.shield(lost), PING_INTERVAL)
             except asyncio.TimeoutError:
-                if self._pong_due:
+                if time.monotonic() - self._last_pong > PONG_TIMEOUT:
                     link.abort(LinkError("no PONG from Redis"))
                     return
-                self._pong_due = True
                 try:
-                    link.send_unanswered("PING")
+                    link.send_unanswered("PING", now_ms())
                 except LinkError:
                     return
 

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from faults import FaultRelay
-from harness import ProxyProcess, RawClient, RedisServer, wait_for
+from harness import ProxyProcess, RawClient, RedisServer, unreachable_amqp_url, wait_for
 from proxy.config import DEFAULT_FALLBACK_KEY
 from rabbit import Message, RabbitQueue
 
@@ -113,3 +114,36 @@ def test_admin_connect_disconnect_replies(queue: RabbitQueue) -> None:
             raw.send(b"key_evt_amqp.connect\r\n")
             assert raw.sock.recv(100) == b"+AMQP CONNECT OK\r\n"
             wait_for(lambda: queue.count() == 1)
+
+
+def list_lengths(rs: RedisServer) -> dict[tuple[int, bytes], int]:
+    """Every list key in dbs 0 and 1 with its length."""
+    out = {}
+    for db in (0, 1):
+        with rs.client(db=db) as c:
+            for key in c.scan_iter(_type="list"):
+                out[(db, key)] = c.llen(key)
+    return out
+
+
+def test_two_proxies_never_forward_each_others_fallback_writes() -> None:
+    """Issue #8 item 9: two proxies on one Redis, broker unreachable, different fallback keys and
+    dbs, list events selected. Each must store each SET once, not each other's RPUSH events."""
+    with RedisServer() as rs:
+        client = rs.client()
+        amqp = ["--amqp", unreachable_amqp_url(), "--events", "A", "--keymask", "ALL"]
+        with ProxyProcess(rs.url, amqp), \
+                ProxyProcess(rs.url + "1", [*amqp, "--fallback-key", "other-proxy-backlog"]):
+            wait_for(lambda: "A" in client.config_get("notify-keyspace-events")["notify-keyspace-events"])
+            time.sleep(0.5)  # both subscribed
+            for i in range(3):
+                client.set(f"db0-{i}", "v")
+            with rs.client(db=1) as db1:
+                db1.set("db1-0", "v")
+                db1.set("db1-1", "v")
+            time.sleep(5)
+            first = list_lengths(rs)
+            time.sleep(1)
+            second = list_lengths(rs)
+    assert first == second, f"the fallback lists keep growing: {first} -> {second}"
+    assert first == {(0, DEFAULT_FALLBACK_KEY): 5, (1, b"other-proxy-backlog:key_evt_amqp"): 5}

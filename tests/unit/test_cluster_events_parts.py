@@ -10,7 +10,7 @@ from protocol.slots import SLOTS, key_slot
 from proxy.cluster.topology import SlotMap
 from proxy.events.cluster_source import shard_label
 from proxy.events.message import Event, FrameEncoder, dump_entry, encode_headers, gap_event, load_entry
-from proxy.events.service import CLUSTER_FALLBACK_KEY, cluster_fallback_key
+from proxy.events.service import CLUSTER_FALLBACK_KEY, cluster_fallback_key, fallback_key_for
 
 HEADERS = ((b"node", b"10.0.0.1:7000"), (b"shard", b"0-5460,6000-6001"))
 
@@ -63,5 +63,12 @@ def test_shard_label() -> None:
 def test_fallback_key_in_cluster_mode() -> None:
     assert cluster_fallback_key(b"REDIS_MODULE-key_evt_amqp-fallback_storage") == CLUSTER_FALLBACK_KEY
     assert cluster_fallback_key(b"{}plain") == CLUSTER_FALLBACK_KEY  # an empty tag is no tag
-    assert cluster_fallback_key(b"app:{events}:fallback") == b"app:{events}:fallback"
+    assert cluster_fallback_key(b"app:{events}:fallback") == b"app:{events}:fallback:key_evt_amqp"
+    assert cluster_fallback_key(b"{key_evt_amqp}:mine") == b"{key_evt_amqp}:mine"
+
+
+def test_fallback_keys_are_in_the_reserved_namespace() -> None:
+    assert fallback_key_for(b"REDIS_MODULE-key_evt_amqp-fallback_storage") == \
+        b"REDIS_MODULE-key_evt_amqp-fallback_storage"  # the module's default, unchanged
+    assert fallback_key_for(b"backlog") == b"backlog:key_evt_amqp"
     assert key_slot(CLUSTER_FALLBACK_KEY) == key_slot(b"key_evt_amqp")

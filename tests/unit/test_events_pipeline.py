@@ -56,6 +56,9 @@ class FakeList:
     def __init__(self) -> None:
         self.items: list[bytes] = []
         self.length = 0
+        self.epoch = 0
+        self.last_op = float("inf")  # never checked by the pump on its own
+        self.on_reset: Any = None
 
     async def push(self, events: Sequence[Event], cap: int, *, front: bool = False) -> int:
         entries = [dump_entry(e) for e in events]
