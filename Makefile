@@ -12,8 +12,14 @@ REDIS_PORT ?= 6379
 AMQP_HOST ?= 127.0.0.1
 AMQP_PORT ?= 5672
 PYTEST_ARGS ?=
+# `make fuzz`: the differential fuzzer (tests/fuzz.py) for minutes; stops at whichever limit comes first.
+FUZZ_SEED ?= 1
+FUZZ_CASES ?= 100000
+FUZZ_SECONDS ?= 300
+FUZZ_LANES ?= 3
+FUZZ_ARGS ?=
 
-.PHONY: run test deps services clean
+.PHONY: run test deps services clean fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +38,10 @@ run: deps services
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+fuzz: deps
+	$(PY) tests/fuzz.py --seed $(FUZZ_SEED) --cases $(FUZZ_CASES) --seconds $(FUZZ_SECONDS) \
+		--lanes $(FUZZ_LANES) $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info .run
