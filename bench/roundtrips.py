@@ -30,6 +30,9 @@ Sections (``--only`` takes a comma list):
     ``strace -c -f`` on the proxy and on the bare relay during ``redis-benchmark -c 1 -P 1 -n N``
     (syscalls per command), and ``strace -tt`` of three PINGs (does the write of a reply follow
     its read in the same loop iteration, or only after another ``epoll_wait``?).
+``inproc``
+    The relay's own Python per request, driven with fake transports (no sockets): us per request
+    and upstream writes per request, e.g. one write per command in the exact parser's mode.
 ``tcl``
     Redis's own test units (``./runtest --host --port --single UNIT``) against each target,
     alternated; wall time, commands Redis processed, per-test ms, and per-command round-trip time
@@ -745,10 +748,92 @@ def section_tcl(st: Stack, args) -> dict:
     return out
 
 
+# -- inproc: the proxy's own Python per request, without sockets --------------------------------------------
+
+
+def section_inproc(st: Stack | None, args) -> dict:
+    """Drive a ClientConnection with fake transports: Python time and writes per request.
+
+    Uses the relay's internals (ClientConnection, its ``_up_write`` and ``barrier``); when they
+    change shape this section says so and measures nothing.
+    """
+    log("== inproc: the relay's Python per request (fake transports, no syscalls; medians)")
+    try:
+        from proxy.relay import ClientConnection
+    except Exception as exc:  # noqa: BLE001
+        log(f"  not available: {exc!r}")
+        return {}
+
+    class Transport:
+        def __init__(self):
+            self.out = []
+
+        def write(self, data):
+            self.out.append(data)
+
+        def is_closing(self):
+            return False
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+    class Server:
+        buffer_limit = 1 << 20
+
+    hello3 = (b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:3\r\n"
+              b"$2\r\nid\r\n:5\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n")
+    big = b"x" * 100_000
+    inline_burst = b"".join(b"SET k:q%d 0000%d0000\r\nGET k:q%d\r\n" % (i, i, i) for i in range(500))
+    specs = [  # label, setup bytes (one reply each), request, reply, requests per sample
+        ("PING", [], enc("PING"), b"+PONG\r\n", 1),
+        ("GET", [], enc("GET", "k"), b"$1\r\nv\r\n", 1),
+        ("CLIENT SETNAME (noticed name)", [], enc("CLIENT", "SETNAME", "x"), b"+OK\r\n", 1),
+        ("MULTI+INCR+EXEC, 1 write", [], enc("MULTI") + enc("INCR", "k") + enc("EXEC"),
+         b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n", 1),
+        ("HELLO 3 (barrier)", [], enc("HELLO", 3), hello3, 1),
+        ("SET 100KB", [], enc("SET", "k", big), b"+OK\r\n", 1),
+        ("GET 100KB", [], enc("GET", "k"), b"$100000\r\n" + big + b"\r\n", 1),
+        ("GET after an inline cmd", [b"PING\r\n"], enc("GET", "k"), b"$1\r\nv\r\n", 1),
+        ("1000 inline SET+GET, 1 chunk", [], inline_burst, b"+OK\r\n$1\r\nv\r\n" * 500, 1000),
+    ]
+    out = {}
+    try:
+        for label, setup, request, reply, per in specs:
+            client = ClientConnection(Server())
+            client.transport = Transport()
+            upstream: list[bytes] = []
+            client._up_write = upstream.append
+            for data in setup:
+                client.data_received(data)
+                client.reply_data(b"+PONG\r\n")
+            times = []
+            rounds = 20_000 if per == 1 and len(request) < 1000 else 300
+            for _ in range(rounds):
+                upstream.clear()
+                client.transport.out.clear()
+                t0 = time.perf_counter_ns()
+                client.data_received(request)
+                marker = client.barrier.marker_reply if client.barrier is not None else b""
+                client.reply_data(reply + marker)
+                times.append(time.perf_counter_ns() - t0)
+            us = statistics.median(times) / 1e3 / per
+            writes = len(upstream)
+            out[label] = {"us_per_request": us, "upstream_writes_per_sample": writes, "mode": client.mode.value}
+            log(f"  {label:32s} {us:6.2f} us/request, {writes:4d} upstream write(s) per sample, "
+                f"mode {client.mode.value}")
+    except Exception as exc:  # noqa: BLE001 - the relay changed shape
+        log(f"  stopped: {exc!r}")
+    return out
+
+
 # -- main -------------------------------------------------------------------------------------------------------
 
 SECTIONS = {"sockets": section_sockets, "rtt": section_rtt, "benchmark": section_benchmark,
-            "strace": section_strace, "tcl": section_tcl}
+            "strace": section_strace, "tcl": section_tcl,
+            "inproc": section_inproc}
 
 
 def main() -> None:
