@@ -64,6 +64,11 @@ MAX_ADMIN_BYTES = 64 * 1024
 #: An unfinished command hiredis holds may grow to this; past it the exact parser takes over and
 #: streams the rest (a big value is relayed as it arrives, never held whole).
 MAX_FAST_PENDING = 64 * 1024
+#: How much of an unfinished line (inline request, `*`/`$` header) the exact parser holds before it
+#: lets Redis judge. Redis's own limit is 64 KiB, but it applies it only to what its reads left
+#: buffered, and it reads greedily: a longer line that arrives whole is accepted. Holding more and
+#: forwarding a line whole gives Redis the bytes as the client sent them.
+MAX_LINE_HELD = 1024 * 1024
 #: After a client's end of input, how long a command of ours may wait for its place (behind a
 #: blocked BLPOP it would wait forever) before the end of input is passed on to Redis anyway.
 EOF_BARRIER_WAIT = 1.0
@@ -576,7 +581,9 @@ class ClientConnection(asyncio.Protocol):
         """From a request's first byte on, parse exactly; Redis already has ``sent`` bytes of it."""
         self._reset_fast()
         self.mode = Mode.EXACT
-        self._exact = RequestParser(keep=_keep, max_bulk=_LLONG_MAX, max_kept=MAX_ADMIN_BYTES)
+        self._exact = RequestParser(
+            keep=_keep, max_inline=MAX_LINE_HELD, max_bulk=_LLONG_MAX, max_kept=MAX_ADMIN_BYTES
+        )
         self._exact_buf = bytearray(stream[sent:])
         self._exact_sent = sent
         self._exact.feed(stream)
@@ -628,7 +635,11 @@ class ClientConnection(asyncio.Protocol):
             if effect is Effect.ADMIN:
                 self._exact_relay(request.start)
                 self._exact_relay(request.end, send=False)
-                self._start_barrier(args)
+                if request.end - request.start > MAX_ADMIN_BYTES:  # an inline one (multibulk: KeptTooLong)
+                    self._exact, self._exact_buf = None, bytearray()
+                    self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
+                else:
+                    self._start_barrier(args)
                 return
             if effect is Effect.HELLO and not self.in_multi and hello_version(args) is not None:
                 self._exact_relay(request.end)

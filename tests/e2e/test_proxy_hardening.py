@@ -354,3 +354,17 @@ def test_unknown_command_of_ours_echoes_raw_bytes_like_redis(pair) -> None:  # t
     got, _ = exchange(proxy.port, [data])
     expected, _ = exchange(direct.port, [data])
     assert got == expected and b"\xff" in got
+
+
+def test_an_inline_line_redis_accepts_whole_is_forwarded_whole(pair) -> None:  # type: ignore[no-untyped-def]
+    # Fuzz seed 11 case 1570: Redis read a 147 KB line at once and answered it; the proxy's read
+    # boundary cut it and its parser refused it at 64 KiB.
+    line = b"ECHO " + b"a" * 150_000 + b"\r\n"
+    reply = same_as_redis(pair, [line + b"PING\r\n"], idle=1.0)
+    assert reply in (b"$150000\r\n" + b"a" * 150_000 + b"\r\n+PONG\r\n", b"-ERR Protocol error: too big inline request\r\n")
+
+
+def test_an_inline_command_of_ours_over_the_limit_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    _, _, proxy = pair
+    got = exchange(proxy.port, [b"key_evt_amqp.keymask_add " + b"m" * 70_000 + b"\r\n"], idle=1.0)
+    assert got == (b"-ERR Protocol error: key_evt_amqp command too long\r\n", True)
