@@ -52,16 +52,15 @@ def encoded_size(command: object) -> int:
     return size
 
 
-def locate(stream: bytes, commands: list[object], relayed_before: int) -> list[tuple[object, int, int]] | None:
-    """(command, start, end) for each command hiredis parsed out of ``stream``, or None when the
-    input is not canonical. ``relayed_before``: bytes of the first command relayed before
-    ``stream`` (its start is then negative)."""
+def locate(stream: bytes, commands: list[object]) -> list[tuple[object, int, int]] | None:
+    """(command, start, end) for each command hiredis parsed out of ``stream`` (which begins where
+    the first of them begins), or None when the input is not canonical."""
     total = len(stream)
-    pos = -relayed_before
+    pos = 0
     placed: list[tuple[object, int, int]] = []
     for command in commands:
         size = encoded_size(command)
-        if size < 0 or (pos >= 0 and (pos >= total or stream[pos] != _STAR)):
+        if size < 0 or pos >= total or stream[pos] != _STAR:
             return None
         placed.append((command, pos, pos + size))
         pos += size
@@ -76,7 +75,7 @@ def judge_tail(tail: bytes) -> Tail:
         return Tail.MALFORMED
     count_end = tail.find(b"\r\n", 0, MAX_HEADER)
     if count_end < 0:
-        return Tail.HOLD if len(tail) < MAX_HEADER else Tail.MALFORMED
+        return Tail.HOLD if len(tail) < MAX_HEADER and _digits_so_far(tail[1:]) else Tail.MALFORMED
     if not _canonical_number(tail[1:count_end]):
         return Tail.MALFORMED
     if count_end + 2 == len(tail):
@@ -85,7 +84,9 @@ def judge_tail(tail: bytes) -> Tail:
         return Tail.MALFORMED
     length_end = tail.find(b"\r\n", count_end + 2, count_end + 2 + MAX_HEADER)
     if length_end < 0:
-        return Tail.HOLD if len(tail) < count_end + 2 + MAX_HEADER else Tail.MALFORMED
+        if len(tail) < count_end + 2 + MAX_HEADER and _digits_so_far(tail[count_end + 3:]):
+            return Tail.HOLD
+        return Tail.MALFORMED
     length_text = tail[count_end + 3:length_end]
     if not _canonical_number(length_text):
         return Tail.MALFORMED
@@ -96,6 +97,14 @@ def judge_tail(tail: bytes) -> Tail:
     if len(name) < len(ADMIN_PREFIX):
         return Tail.HOLD
     return Tail.HOLD if name.lower() == ADMIN_PREFIX else Tail.RELAY
+
+
+def _digits_so_far(text: bytes) -> bool:
+    """A header cut short may still turn out canonical: digits, then at most a final CR. Anything
+    else (``\r`` followed by another byte, which Redis accepts) is for the exact parser."""
+    if text.endswith(b"\r"):
+        text = text[:-1]
+    return text == b"" or text.isdigit()
 
 
 def _canonical_number(text: bytes) -> bool:

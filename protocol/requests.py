@@ -114,6 +114,7 @@ class _State(enum.Enum):
     REQUEST = enum.auto()  # at a request boundary: "*" opens a multibulk, any other byte an inline line
     BULK_HEADER = enum.auto()  # inside a multibulk, expecting "$<length>\r?"
     BULK_BODY = enum.auto()  # inside a multibulk, expecting <length> bytes and 2 more
+    INLINE_PASS = enum.auto()  # streaming: an inline line too long to be of interest, passed on to its end
     DEAD = enum.auto()  # a ProtocolError was raised: it is raised again on every call
 
 
@@ -186,7 +187,7 @@ class RequestParser:
         the name of the unfinished request showed that it is not kept whole, all that was fed."""
         if self._state is _State.REQUEST or self._state is _State.DEAD:
             return self.offset
-        if self._passing:
+        if self._passing or self._state is _State.INLINE_PASS:
             return self._base + len(self._buf)
         return self._start
 
@@ -225,6 +226,8 @@ class RequestParser:
 
     def _step(self) -> Request | NeedData | None:
         """Advance by at least one line; None means progress was made and the caller should go on."""
+        if self._state is _State.INLINE_PASS:
+            return self._pass_inline()
         if self._state is not _State.REQUEST:
             return self._read_bulks()
         if self._pos == len(self._buf):
@@ -379,6 +382,12 @@ class RequestParser:
         return Request((), self._start, self.offset, True, 0)
 
     def _read_inline(self) -> Request | None | NeedData:
+        if self._keep_fn is not None and not self._stuck and len(self._buf) - self._pos > self._max_inline:
+            if self._buf.find(b"\n", self._pos) < 0 and self._buf.find(b"\0", self._pos) < 0:
+                # Streaming: a line this long is nobody's we look at; pass it on as it comes and let
+                # Redis apply its own limit to the bytes as they reach it.
+                self._state = _State.INLINE_PASS
+                return self._pass_inline()
         end = self._line_end(b"\n", _TOO_BIG_INLINE)
         if end < 0:
             return NEED_DATA
@@ -388,6 +397,17 @@ class RequestParser:
         if not args:
             return None
         return Request(tuple(args), self._start, self.offset, True)
+
+
+    def _pass_inline(self) -> Request | NeedData:
+        """INLINE_PASS: consume up to the line's newline; the line comes back with no arguments."""
+        end = self._buf.find(b"\n", self._pos)
+        if end < 0:
+            self._advance(len(self._buf))
+            return NEED_DATA
+        self._advance(end + 1)
+        self._state = _State.REQUEST
+        return Request((), self._start, self.offset, True, 0)
 
 
 def _string2ll(buf: bytearray, start: int, stop: int) -> int | None:

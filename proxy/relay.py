@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -64,11 +65,6 @@ MAX_ADMIN_BYTES = 64 * 1024
 #: An unfinished command hiredis holds may grow to this; past it the exact parser takes over and
 #: streams the rest (a big value is relayed as it arrives, never held whole).
 MAX_FAST_PENDING = 64 * 1024
-#: How much of an unfinished line (inline request, `*`/`$` header) the exact parser holds before it
-#: lets Redis judge. Redis's own limit is 64 KiB, but it applies it only to what its reads left
-#: buffered, and it reads greedily: a longer line that arrives whole is accepted. Holding more and
-#: forwarding a line whole gives Redis the bytes as the client sent them.
-MAX_LINE_HELD = 1024 * 1024
 #: After a client's end of input, how long a command of ours may wait for its place (behind a
 #: blocked BLPOP it would wait forever) before the end of input is passed on to Redis anyway.
 EOF_BARRIER_WAIT = 1.0
@@ -142,7 +138,6 @@ class ClientConnection(asyncio.Protocol):
         self.mode = Mode.FAST
         self.in_multi = False
         self.resp3 = False
-        self.quitting = False
         self.barrier: admin.Barrier | None = None
         self._commands = hiredis.Reader(notEnoughData=NEED_DATA)
         self._carry = b""  # client bytes parsed but not relayed yet (rule 1)
@@ -251,6 +246,13 @@ class ClientConnection(asyncio.Protocol):
             self._fail(None)
             return
         self._eof_sent = True
+        # What is still held (an unfinished command) can no longer become one of ours: Redis gets
+        # it, and judges it as it would have straight from the client.
+        if self.mode is Mode.EXACT and self._exact_buf:
+            self._exact_relay(self._exact_sent + len(self._exact_buf))
+        elif self._carry:
+            self._up_write(self._carry)
+            self._carry = b""
         if upstream.transport.can_write_eof():
             upstream.transport.write_eof()
         else:
@@ -437,7 +439,7 @@ class ClientConnection(asyncio.Protocol):
     def _careful(self, data: bytes, commands: list[object]) -> None:
         """Place each command in the chunk, act on the noticed ones, judge the unfinished tail."""
         stream, sent = self._stream(data)
-        placed = framing.locate(stream, commands, 0)
+        placed = framing.locate(stream, commands)
         if placed is None:
             self._enter_exact(stream, sent)
             return
@@ -525,8 +527,6 @@ class ClientConnection(asyncio.Protocol):
             version = hello_version(command)  # type: ignore[arg-type]
             if version in (2, 3):
                 self.resp3 = version == 3
-        elif effect is Effect.QUIT:
-            self.quitting = True
 
     def _write_upstream(self, data: bytes) -> None:
         if data:
@@ -561,7 +561,7 @@ class ClientConnection(asyncio.Protocol):
         """hiredis must not, or cannot, go on: act on the commands it placed, then hand the rest,
         from the unfinished command's first byte, to the exact parser."""
         stream, sent = self._stream(data)
-        placed = framing.locate(stream, commands, 0) if commands else []
+        placed = framing.locate(stream, commands) if commands else []
         if placed is None:
             self._enter_exact(stream, sent)
             return
@@ -579,11 +579,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _enter_exact(self, stream: bytes, sent: int) -> None:
         """From a request's first byte on, parse exactly; Redis already has ``sent`` bytes of it."""
+        if self.upstream is not None:
+            self.upstream.keep_spare()  # Redis may refuse what follows and close (rule 5)
         self._reset_fast()
         self.mode = Mode.EXACT
-        self._exact = RequestParser(
-            keep=_keep, max_inline=MAX_LINE_HELD, max_bulk=_LLONG_MAX, max_kept=MAX_ADMIN_BYTES
-        )
+        self._exact = RequestParser(keep=_keep, max_bulk=_LLONG_MAX, max_kept=MAX_ADMIN_BYTES)
         self._exact_buf = bytearray(stream[sent:])
         self._exact_sent = sent
         self._exact.feed(stream)
@@ -748,6 +748,7 @@ class UpstreamConnection(RedisSide):
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        self._spare = -1  # a duplicate of the socket's descriptor, once keep_spare() was called
         # Bound straight to the client: one Python call less per reply chunk on the hot path.
         self.data_received = client.reply_data  # type: ignore[method-assign]
 
@@ -755,9 +756,43 @@ class UpstreamConnection(RedisSide):
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self.client.server.buffer_limit)  # type: ignore[union-attr]
 
+    def keep_spare(self) -> None:
+        """Keep a second descriptor of this socket from now on (one more fd for this client).
+
+        When Redis closes a connection it had unread input on (it refused a protocol error),
+        the kernel answers our next write with a reset, and uvloop closes the socket on that
+        write error without reading what Redis had sent before: its error reply. The spare
+        descriptor keeps the socket, and those bytes, readable (Linux keeps data queued before a
+        reset), so :meth:`connection_lost` can still pass them on. Taken where Redis judges
+        protocol errors (the exact parser's path), not for every connection."""
+        if self._spare >= 0 or self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        try:
+            self._spare = os.dup(sock.fileno())
+        except (OSError, AttributeError):
+            self._spare = -1
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._spare >= 0:
+            if exc is not None:
+                self._drain_spare()
+            os.close(self._spare)
+            self._spare = -1
         self.client.upstream_lost()  # the client then drops its reference to us (no cycle left)
+
+    def _drain_spare(self) -> None:
+        """What Redis sent before the reset, read through the spare descriptor (bounded by the
+        socket's receive buffer), reaches the client before its close."""
+        while True:
+            try:
+                data = os.read(self._spare, 256 * 1024)
+            except OSError:  # nothing more (EAGAIN), or the reset itself once the data is read
+                return
+            if not data:
+                return
+            self.data_received(data)
 
     def eof_received(self) -> bool:
         return False  # Redis ended its side: close ours too (connection_lost follows)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import selectors
 import socket
 import sys
@@ -196,16 +195,13 @@ def _long_line_split(case: Case, direct: Outcome, proxied: Outcome) -> bool:
     return False
 
 
-_BARE_HEADER = re.compile(rb"\*\d+\r\n(?:\$\d*\r?)?\Z")
-
-
 def _header_before_name(case: Case, direct: Outcome, proxied: Outcome) -> bool:
-    """The stream ends with a request header whose name has not come yet: the proxy forwards the
-    header with the name, so Redis's verdict on it (unauthenticated `*11`) waits for the name."""
+    """Redis refused an unauthenticated client's count (over 10) at its header; the proxy holds a
+    header until the command's name has come (none of our commands may reach Redis in part), so
+    where no name follows, Redis never saw it. Up to that error both outputs agree."""
     rest = direct.data[len(proxied.data):]
-    return (direct.closed and not proxied.closed and direct.data.startswith(proxied.data)
-            and rest.startswith(b"-ERR Protocol error: ") and rest.count(b"\r\n") == 1
-            and _BARE_HEADER.search(case.data) is not None)
+    return (direct.closed and direct.data.startswith(proxied.data)
+            and rest == b"-ERR Protocol error: unauthenticated multibulk length\r\n")
 
 
 #: Proposed, not yet agreed: :class:`Comparison` ignores these until one moves to the next table.

@@ -47,6 +47,16 @@ REGRESSIONS: list[tuple[int, int, str]] = [
     (2, 21, "7953bbcc32a2"),  # "expected '$', got ..." then "lost the connection to Redis"
     (2, 89, "643cde4ec690"),  # "invalid bulk length" then "lost the connection to Redis"
     (2, 167, "21016bc2d0be"),  # `*` + 81912 digits in one write: "invalid multibulk length" vs "too big"
+    (11, 1570, "e8b43465c4a2"),  # a 147 KB inline line in one write: Redis's reads decide (long-line)
+]
+
+#: Found against the proxy after the relay rewrite, with ``--requirepass``: played on the auth lane.
+AUTH_REGRESSIONS: list[tuple[int, int, str]] = [
+    (12, 166, "bb352ae74762"),  # `*1025\r\x00`: Redis refuses the unauthenticated count (header-before-name)
+    (12, 646, "461388c6b14d"),  # `*1\r\n$-5\r\x00`: a header ended by CR + NUL was held, never judged
+    (12, 1116, "849f5fa51c87"),  # `*294967295\r\n` alone
+    (12, 2854, "921cea50cbd1"),  # `*1024` in pieces after an inline DEL
+    (12, 3190, "091cdb566a99"),  # `*1025` then inline lines with a NUL: no name ever comes
 ]
 
 PROTOCOL_ERROR = b"-ERR Protocol error: "
@@ -103,6 +113,14 @@ def test_fuzz_regression(seed: int, index: int, fingerprint: str, lane: Lane) ->
         f"fuzz_cases changed: ({seed}, {index}) is another case now; replace the entry with a"
         f" hand-written case holding these chunks from the old run")
     check(lane.run(case, seed=seed, index=index))
+
+
+@pytest.mark.parametrize(("seed", "index", "fingerprint"), AUTH_REGRESSIONS,
+                         ids=[f"{s}-{i}" for s, i, _ in AUTH_REGRESSIONS])
+def test_fuzz_regression_unauthenticated(seed: int, index: int, fingerprint: str, auth_lane: Lane) -> None:
+    case = make_case(seed, index)
+    assert case.fingerprint() == fingerprint, f"fuzz_cases changed: ({seed}, {index}) is another case now"
+    check(auth_lane.run(case, seed=seed, index=index))
 
 
 # -- 1. counts above INT_MAX ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,7 +70,7 @@ def run(chunks: list[bytes]) -> tuple[bytes, bytes, FakeRuntime]:
     client = ClientConnection(server)  # type: ignore[arg-type]
     to_client, to_redis = FakeTransport(), FakeTransport()
     client.connection_made(to_client)  # type: ignore[arg-type]
-    client.upstream = object()  # type: ignore[assignment]
+    client.upstream = SimpleNamespace(keep_spare=lambda: None)  # type: ignore[assignment]
     client._up_write = to_redis.write
     client._pauses.clear()
     answered = 0
