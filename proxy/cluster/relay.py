@@ -336,7 +336,6 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writes_paused = False
-        self.dirty: list[NodeLink] = []  # links with writes queued: drained by flush()
         for link in self.links.values():
             link.resume_reading()
 
