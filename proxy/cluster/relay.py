@@ -29,7 +29,6 @@ import hiredis
 
 from protocol import NEED_DATA, ProtocolError, RequestParser, replies
 from protocol.reply_scan import Frame
-from protocol.slots import key_slot
 from proxy.cluster import routes
 from proxy.cluster.links import NodeLink, Place, Sent, Tx
 from proxy.cluster.topology import Address, parse_address
@@ -42,7 +41,6 @@ log = logging.getLogger("key_evt_amqp.cluster")
 MAX_ORDER = 10_000
 MAX_REDIRECTS = 5
 TRYAGAIN_DELAY = 0.05  # seconds
-CROSSSLOT = replies.error("CROSSSLOT Keys in request don't hash to the same slot")
 
 
 class ClusterClientConnection(asyncio.Protocol):
@@ -357,11 +355,3 @@ class ClusterClientConnection(asyncio.Protocol):
 def _ignore(frame: Frame) -> None:
     """The reply to one of the relay's own commands (ASKING, a replayed AUTH): not the client's."""
 
-
-def slot_of(keys: list[bytes]) -> int:
-    """The one slot of ``keys``, or -1 when they span several."""
-    slot = key_slot(keys[0])
-    for key in keys[1:]:
-        if key_slot(key) != slot:
-            return -1
-    return slot
