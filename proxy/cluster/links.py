@@ -34,6 +34,15 @@ class Tx(enum.Enum):
     PINNED = "pinned"  # inside MULTI, on ``tx_link``
 
 
+class Resend(enum.Enum):
+    """What may be done with a command whose node connection was lost before its reply (or that
+    Redis refused unrun: ``TRYAGAIN``, ``CLUSTERDOWN``). Decided when the command is routed."""
+
+    NEVER = "never"  # bound to that node or its state (transaction, fanned part, replay): fails
+    IF_UNSENT = "if-unsent"  # may have an effect: resent only when Redis cannot have received it
+    ALWAYS = "always"  # read-only (:data:`protocol.commands.READ_ONLY`): resent either way
+
+
 class Place:
     """A client command's place in the reply order: done once ``reply`` is set.
 
@@ -71,19 +80,26 @@ class Sent:
     """A command written to a node: its bytes (to resend after MOVED/ASK) and where its reply goes.
 
     ``callback`` replaces ``place`` for the relay's own commands (ASKING, replays, probes).
+    ``resend`` says whether it may be sent again elsewhere (:class:`Resend`); ``retries`` and
+    ``failed_at`` (loop time of its first failure) bound how often and how long.
     """
 
-    __slots__ = ("data", "place", "part", "slot", "redirects", "callback", "follow")
+    __slots__ = ("data", "place", "part", "slot", "redirects", "callback", "follow", "resend",
+                 "retries", "failed_at")
 
     def __init__(self, data: bytes, place: Place | None, part: int = -1, slot: int = -1,
-                 callback: Callable[[Frame], None] | None = None, follow: bool = True) -> None:
+                 callback: Callable[[Frame], None] | None = None, follow: bool = True,
+                 resend: Resend = Resend.NEVER) -> None:
         self.data = data
         self.place = place
         self.part = part
-        self.slot = slot  # the key slot it was routed by; -1 for keyless
+        self.slot = slot  # the key slot it was routed by; -1 for keyless (the home node)
         self.redirects = 0
         self.callback = callback
         self.follow = follow  # False inside MULTI: MOVED/ASK reach the client
+        self.resend = resend
+        self.retries = 0
+        self.failed_at = 0.0
 
 
 class NodeLink(RedisSide):
@@ -97,6 +113,9 @@ class NodeLink(RedisSide):
         self.streaming: Place | None = None  # pub/sub: every frame goes to this place
         self._scanner = ReplyScanner()
         self._early: list[bytes] = []  # written, not yet drained (or the connection not open yet)
+        #: how many ``Sent`` at the end of ``inflight`` are still in ``_early``: Redis cannot
+        #: have received them, so any of them may be resent if this connection is lost
+        self.unsent = 0
         self.closed = False
 
     @property
@@ -105,6 +124,7 @@ class NodeLink(RedisSide):
 
     def send(self, sent: Sent) -> None:
         self.inflight.append(sent)
+        self.unsent += 1
         self.write(sent.data)
 
     def write(self, data: bytes) -> None:
@@ -118,6 +138,7 @@ class NodeLink(RedisSide):
         if self.transport is not None and self._early:
             self.transport.write(b"".join(self._early))
             self._early = []
+            self.unsent = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -125,6 +146,7 @@ class NodeLink(RedisSide):
         if self._early:
             self.transport.write(b"".join(self._early))  # type: ignore[union-attr]
             self._early = []
+            self.unsent = 0
         if self.client.writes_paused:
             self.transport.pause_reading()  # type: ignore[union-attr]
 
@@ -142,7 +164,8 @@ class NodeLink(RedisSide):
                     client.answered(self, self.inflight.popleft(), frame)
                 # else: a reply to nothing (never from a sound Redis): dropped
         except ReplyError as exc:
-            client.link_failed(self, str(exc))
+            # What was sent may have caused it (a reply above the limit): resend nothing sent.
+            client.link_failed(self, str(exc), resend_sent=False)
             return
         client.flush()
 

@@ -3,6 +3,9 @@
 - Keyed commands go to the master owning their slot; keys in several slots get Redis's own
   ``-CROSSSLOT``, except :data:`SPLIT` commands, sent per slot and merged (not atomic then).
 - Keyless commands go to the "home" node (the first master), or to every master (:data:`FANNED`).
+- What may be resent if the node connection is lost (:class:`~.links.Resend`): single-slot,
+  split and home-node commands outside a transaction (always when read-only, else only if they
+  never left the proxy); never fanned parts, transactions, session replays or our own commands.
 - Transactions are pinned to the node of their first key (or of WATCH); until a key is seen
   after ``MULTI``, commands are held.
 - ``AUTH``/``HELLO``/``CLIENT SETNAME|SETINFO|NO-EVICT|NO-TOUCH`` go to every open node link and
@@ -21,11 +24,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from protocol import merge, replies
-from protocol.commands import ADMIN_PREFIX, admin_verb
+from protocol.commands import ADMIN_PREFIX, READ_ONLY, admin_verb
 from protocol.reply_scan import Frame
 from protocol.slots import UNKNOWN, key_slot, keys_of
 from proxy import admin
-from proxy.cluster.links import Place, Sent, Tx
+from proxy.cluster.links import Place, Resend, Sent, Tx
 
 if TYPE_CHECKING:
     from proxy.cluster.relay import ClusterClientConnection as Client
@@ -75,7 +78,7 @@ def dispatch(c: Client, args: list[bytes]) -> None:
         return
     keys = keys_of(args)
     if keys is UNKNOWN or not keys:
-        _keyless(c, args)
+        _keyless(c, args, name)
         return
     slot = key_slot(keys[0])  # type: ignore[index]
     for key in keys[1:]:  # type: ignore[index]
@@ -85,13 +88,17 @@ def dispatch(c: Client, args: list[bytes]) -> None:
             else:
                 _crossslot(c)
             return
-    _keyed(c, args, slot)
+    _keyed(c, args, slot, name)
 
 
-def _keyed(c: Client, args: list[bytes], slot: int) -> None:
+def _resend(name: bytes) -> Resend:
+    return Resend.ALWAYS if name in READ_ONLY else Resend.IF_UNSENT
+
+
+def _keyed(c: Client, args: list[bytes], slot: int, name: bytes) -> None:
     tx = c.tx
     if tx is Tx.NONE or tx is Tx.WATCHING:
-        c.link_for_slot(slot).send(Sent(encode(args), c.place(), slot=slot))
+        c.link_for_slot(slot).send(Sent(encode(args), c.place(), slot=slot, resend=_resend(name)))
         return
     if tx is Tx.QUEUED:
         c.tx = Tx.PINNED
@@ -122,7 +129,8 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
 
 def _keyless(c: Client, args: list[bytes], name: bytes = b"") -> None:
     if not _in_tx(c, args):
-        c.link(c.home()).send(Sent(encode(args), c.place()))
+        resend = _resend(name or args[0].lower())
+        c.link(c.home()).send(Sent(encode(args), c.place(), resend=resend))
 
 
 def _crossslot(c: Client) -> None:
@@ -150,6 +158,7 @@ def _split(c: Client, args: list[bytes], name: bytes, keys: list[bytes]) -> None
         place.split(len(groups), merge.first)
     else:
         place.split(len(groups), merge.summed)
+    resend = _resend(name)
     for part, (slot, indexes) in enumerate(groups.items()):
         if name == b"mset":
             sub = [args[0]]
@@ -157,7 +166,7 @@ def _split(c: Client, args: list[bytes], name: bytes, keys: list[bytes]) -> None
                 sub += args[1 + 2 * i:3 + 2 * i]
         else:
             sub = [args[0], *(keys[i] for i in indexes)]
-        c.link_for_slot(slot).send(Sent(encode(sub), place, part=part, slot=slot))
+        c.link_for_slot(slot).send(Sent(encode(sub), place, part=part, slot=slot, resend=resend))
 
 
 def _fan(c: Client, args: list[bytes], how: Callable[[list[bytes]], bytes]) -> None:

@@ -6,7 +6,13 @@ pause/resume calls) and the nodes (``NodeLink.data_received`` / ``connection_los
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
 from protocol.slots import key_slot
+from proxy.cluster import relay as relay_module
 from proxy.cluster.links import NodeLink
 from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Address, SlotMap
@@ -132,6 +138,33 @@ class Proxy:
     def answer(self, address: Address, data: bytes) -> None:
         self.link(address).data_received(data)
 
+    def refuse(self, address: Address) -> None:
+        """The connection to ``address`` cannot be opened (what ``_connect`` reports)."""
+        self.relay.link_failed(self.link(address), "cannot connect (Connection refused)")
+
+    def drop(self, address: Address) -> None:
+        """The open connection to ``address`` is lost."""
+        self.link(address).connection_lost(None)
+
+    async def resent(self, address: Address) -> FakeTransport:
+        """Wait for the resend round; the new connection to ``address`` opens."""
+        await wait(lambda: address in self.relay.links and not self.relay._parked)
+        return self.connect(address)
+
+
+LOST = b"-ERR key-evt-amqp: lost the connection to Redis node 127.0.0.1:%d (%s)\r\n"
+
+
+async def wait(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())  # type: ignore[arg-type]
+
 
 def test_writes_queued_when_the_client_resumes_writing_still_go_out() -> None:
     """resume_writing must not forget the links whose writes wait for the next flush (it used
@@ -152,3 +185,112 @@ def test_writes_queued_when_the_client_resumes_writing_still_go_out() -> None:
     assert node.written[before:] == encode(b"GET", key) * 2
     proxy.answer(A, bulk(b"1") * 2)
     assert proxy.client.written == bulk(b"1") * 3
+
+
+def test_commands_that_never_left_are_resent_to_the_new_owner() -> None:
+    """The connection never opened: Redis cannot have run anything, so even the SET is resent,
+    after the pause, to whichever node owns the slot by then (a failover happened meanwhile)."""
+    async def scenario() -> None:
+        proxy = Proxy()
+        key = key_on(A)
+        proxy.send((b"SET", key, b"v"), (b"GET", key))
+        proxy.refuse(A)
+        assert proxy.client.written == b"" and not proxy.client.reading  # later commands wait
+        proxy.server.topology.moved(key_slot(key), B)  # the replica took over
+        node = await proxy.resent(B)
+        assert node.written == encode(b"SET", key, b"v") + encode(b"GET", key)
+        assert proxy.client.reading
+        proxy.answer(B, b"+OK\r\n" + bulk(b"v"))
+        assert proxy.client.written == b"+OK\r\n" + bulk(b"v")
+    run(scenario)
+
+
+def test_a_lost_connection_fails_the_write_and_resends_the_read() -> None:
+    """SET and GET reached Redis, no reply: the SET may have run (the error, not resent); the GET
+    goes again on a new connection; a MGET part and an unsent INCR too."""
+    async def scenario() -> None:
+        proxy = Proxy()
+        key, other = key_on(A), key_on(B)
+        proxy.send((b"GET", key))
+        first = proxy.connect(A)
+        proxy.answer(A, bulk(b"0"))
+        proxy.send((b"SET", key, b"v"), (b"GET", key), (b"MGET", other, key))
+        proxy.connect(B)
+        proxy.answer(B, b"*1\r\n" + bulk(b"o"))
+        proxy.relay.command([b"INCR", key])  # routed, still queued in the proxy
+        assert first.written.count(b"INCR") == 0
+        proxy.drop(A)
+        assert proxy.client.written == bulk(b"0") + LOST % (7000, b"connection lost")
+        again = await proxy.resent(A)
+        assert again.written == encode(b"GET", key) + encode(b"MGET", key) + encode(b"INCR", key)
+        proxy.answer(A, bulk(b"v") + b"*1\r\n" + bulk(b"v") + b":1\r\n")
+        assert proxy.client.written == (bulk(b"0") + LOST % (7000, b"connection lost") + bulk(b"v")
+                                        + b"*2\r\n" + bulk(b"o") + bulk(b"v") + b":1\r\n")
+    run(scenario)
+
+
+def test_clusterdown_is_resent_until_the_cluster_is_up() -> None:
+    async def scenario() -> None:
+        proxy = Proxy()
+        key = key_on(C)
+        proxy.send((b"SET", key, b"v"))
+        node = proxy.connect(C)
+        proxy.answer(C, b"-CLUSTERDOWN The cluster is down\r\n")
+        assert proxy.client.written == b""
+        await wait(lambda: node.written.count(b"SET") == 2)
+        proxy.answer(C, b"+OK\r\n")
+        assert proxy.client.written == b"+OK\r\n"
+    run(scenario)
+
+
+def test_resends_are_bounded_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that never comes back: the GET's reply is the error, within the window."""
+    monkeypatch.setattr(relay_module, "RETRY_WINDOW", 0.3)
+    monkeypatch.setattr(relay_module, "MAX_RETRY_DELAY", 0.1)
+
+    async def scenario() -> None:
+        proxy = Proxy()
+        key = key_on(A)
+        proxy.send((b"GET", key))
+        loop = asyncio.get_running_loop()
+        start, attempts = loop.time(), 0
+        while not proxy.client.written:
+            await wait(lambda: A in proxy.relay.links or proxy.client.written)
+            if A in proxy.relay.links:
+                attempts += 1
+                proxy.refuse(A)
+        assert proxy.client.written == LOST % (7000, b"cannot connect (Connection refused)")
+        assert loop.time() - start <= 0.3 + 0.05
+        assert 3 <= attempts <= 6  # 0.05 + 0.1 + 0.1 (+ 0.1 would pass the window)
+        assert proxy.client.reading
+    run(scenario)
+
+
+def test_resends_are_bounded_in_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "MAX_RETRIES", 3)
+    monkeypatch.setattr(relay_module, "FIRST_RETRY_DELAY", 0.001)
+
+    async def scenario() -> None:
+        proxy = Proxy()
+        key = key_on(B)
+        proxy.send((b"GET", key))
+        node = proxy.connect(B)
+        for _ in range(3):
+            node.out.clear()
+            proxy.answer(B, b"-CLUSTERDOWN The cluster is down\r\n")
+            await wait(lambda: node.written == encode(b"GET", key))
+        proxy.answer(B, b"-CLUSTERDOWN The cluster is down\r\n")
+        assert proxy.client.written == b"-CLUSTERDOWN The cluster is down\r\n"
+    run(scenario)
+
+
+def test_nothing_is_resent_for_a_transaction() -> None:
+    async def scenario() -> None:
+        proxy = Proxy()
+        key = key_on(A)
+        proxy.send((b"MULTI",), (b"GET", key))
+        proxy.connect(A)
+        proxy.drop(A)
+        assert proxy.client.written.startswith(b"+OK\r\n-ERR key-evt-amqp: lost the connection")
+        assert proxy.client.closed and not proxy.relay._parked
+    run(scenario)
