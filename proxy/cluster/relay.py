@@ -343,6 +343,9 @@ class ClusterClientConnection(asyncio.Protocol):
         link.close()
         if self.closing:
             return
+        # It may have died full (no resume_writing comes after connection_lost): forget that.
+        self._full_links.discard(link)
+        self._set_reading()
         log.info("node %s: %s", link.name, reason)
         self.topology.refresh_soon()
         error = replies.error(f"ERR key-evt-amqp: lost the connection to Redis node {link.name} ({reason})")

@@ -294,3 +294,18 @@ def test_nothing_is_resent_for_a_transaction() -> None:
         assert proxy.client.written.startswith(b"+OK\r\n-ERR key-evt-amqp: lost the connection")
         assert proxy.client.closed and not proxy.relay._parked
     run(scenario)
+
+
+def test_a_full_node_link_that_dies_does_not_keep_the_client_paused() -> None:
+    async def scenario() -> None:
+        proxy = Proxy()
+        key = key_on(A)
+        proxy.send((b"SET", key, b"v"))
+        proxy.connect(A)
+        proxy.link(A).pause_writing()  # Redis reads slower than the client writes
+        assert not proxy.client.reading
+        proxy.drop(A)  # ... and the connection dies before it drains
+        assert proxy.client.written.startswith(b"-ERR key-evt-amqp: lost the connection")
+        assert proxy.client.reading
+    run(scenario)
+
