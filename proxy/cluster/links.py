@@ -47,10 +47,11 @@ class Place:
     """A client command's place in the reply order: done once ``reply`` is set.
 
     A split command fills ``parts`` and ``merge`` makes the reply of them. A pub/sub place is a
-    ``stream``: it takes every later frame of its node and never ends.
+    ``stream``: it takes every later frame of its node and never ends (``stream_bytes`` held; the
+    relay pauses the node above ``buffer_limit``).
     """
 
-    __slots__ = ("reply", "parts", "missing", "merge", "close_after", "stream")
+    __slots__ = ("reply", "parts", "missing", "merge", "close_after", "stream", "stream_bytes")
 
     def __init__(self, reply: bytes | None = None) -> None:
         self.reply = reply
@@ -59,11 +60,24 @@ class Place:
         self.merge: Merge | None = None
         self.close_after = False
         self.stream: list[bytes] | None = None
+        self.stream_bytes = 0
 
     def split(self, count: int, merge: Merge) -> None:
         self.parts = [b""] * count
         self.missing = count
         self.merge = merge
+
+    def stream_in(self, raw: bytes) -> int:
+        """Hold one more pub/sub frame; returns the bytes now held."""
+        self.stream.append(raw)  # type: ignore[union-attr]
+        self.stream_bytes += len(raw)
+        return self.stream_bytes
+
+    def stream_out(self) -> list[bytes]:
+        """The frames held, in order; the place holds none after."""
+        out, self.stream = self.stream or [], []
+        self.stream_bytes = 0
+        return out
 
     def fill(self, part: int, raw: bytes) -> None:
         if part < 0:

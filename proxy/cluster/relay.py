@@ -193,6 +193,10 @@ class ClusterClientConnection(asyncio.Protocol):
             dirty, self.dirty = self.dirty, []
             for link in dirty:
                 link.drain()
+        if self.writes_paused:
+            # The client reads nothing now: finished replies wait in _order (MAX_ORDER stops
+            # reading the client), the stream in its place (its node pauses). resume_writing flushes.
+            return
         order = self._order
         if not order or order[0].reply is None and order[0].stream is None:
             return
@@ -201,8 +205,7 @@ class ClusterClientConnection(asyncio.Protocol):
         while order:
             head = order[0]
             if head.stream is not None:
-                out += head.stream
-                head.stream.clear()
+                out += head.stream_out()
                 if self.streaming is not None:
                     self.streaming.resume_reading()
                 break
@@ -293,9 +296,8 @@ class ClusterClientConnection(asyncio.Protocol):
     def streamed(self, link: NodeLink, raw: bytes) -> None:
         place = link.streaming
         assert place is not None and place.stream is not None
-        place.stream.append(raw)
-        if sum(map(len, place.stream)) > self.server.buffer_limit:
-            link.pause_reading()  # resumed by flush() once the stream is at the head
+        if place.stream_in(raw) > self.server.buffer_limit:
+            link.pause_reading()  # resumed by flush() once the stream is written out
 
     # -- node links ----------------------------------------------------------------------------
 
@@ -392,8 +394,11 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writes_paused = False
+        limit = self.server.buffer_limit
         for link in self.links.values():
-            link.resume_reading()
+            if link.streaming is None or link.streaming.stream_bytes <= limit:
+                link.resume_reading()
+        self.flush()  # what waited; a stream above its limit resumes its node once written
 
     # -- transactions --------------------------------------------------------------------------
 

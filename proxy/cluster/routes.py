@@ -288,7 +288,7 @@ def _subscribe(c: Client, args: list[bytes], name: bytes) -> None:
 
     def started(frame: Frame) -> None:
         link.streaming = place
-        place.stream.append(frame.raw)  # type: ignore[union-attr]
+        place.stream_in(frame.raw)
 
     c.streaming = link
     link.send(Sent(encode(args), None, callback=started, follow=False))

@@ -309,3 +309,60 @@ def test_a_full_node_link_that_dies_does_not_keep_the_client_paused() -> None:
         assert proxy.client.reading
     run(scenario)
 
+
+def _subscribed(proxy: Proxy) -> FakeTransport:
+    proxy.send((b"SUBSCRIBE", b"ch"))
+    node = proxy.connect(A)  # the home node: first master
+    proxy.answer(A, b"*3\r\n" + bulk(b"subscribe") + bulk(b"ch") + b":1\r\n")
+    assert proxy.client.written.endswith(b":1\r\n")
+    return node
+
+
+def message(payload: bytes) -> bytes:
+    return b"*3\r\n" + bulk(b"message") + bulk(b"ch") + bulk(payload)
+
+
+def test_a_subscribed_client_that_does_not_read_stops_its_node() -> None:
+    """Client writes paused: the node stays paused, whatever the client sends meanwhile."""
+    proxy = Proxy()
+    node = _subscribed(proxy)
+    proxy.relay.pause_writing()
+    assert not node.reading
+    proxy.send((b"PING",))  # goes down the pipe; must not wake the node's reading
+    assert not node.reading
+    proxy.relay.resume_writing()
+    assert node.reading
+
+
+def test_a_stream_above_its_limit_stays_paused_when_the_client_drains() -> None:
+    """The stream buffer is over buffer_limit while the client is paused: resume_writing writes it
+    out before the node is read again (it used to resume every link blindly)."""
+    proxy = Proxy()
+    node = _subscribed(proxy)
+    proxy.relay.pause_writing()
+    before = len(proxy.client.written)
+    big = message(b"x" * proxy.server.buffer_limit)
+    proxy.relay.links[A].resume_reading()  # a frame already on its way when the client paused
+    proxy.answer(A, big)
+    assert not node.reading
+    assert len(proxy.client.written) == before  # held: the client reads nothing now
+    proxy.relay.resume_writing()
+    assert proxy.client.written[before:] == big and node.reading
+
+
+def test_replies_wait_while_the_client_does_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies the proxy makes itself (here -ERR for CLUSTER NODES) are held, not written, while
+    the client's transport is full: MAX_ORDER then stops reading the client."""
+    monkeypatch.setattr(relay_module, "MAX_ORDER", 100)
+    proxy = Proxy()
+    proxy.relay.pause_writing()
+    for _ in range(30):
+        proxy.send(*[(b"CLUSTER", b"NODES")] * 10)
+        if not proxy.client.reading:
+            break
+    assert not proxy.client.reading
+    assert proxy.client.written == b""
+    proxy.relay.resume_writing()
+    assert proxy.client.written.count(b"-ERR CLUSTER not supported") > 100
+    assert proxy.client.reading
+
