@@ -117,7 +117,8 @@ class Sent:
 
 
 class NodeLink(RedisSide):
-    """The connection from one client's relay to one node. Writes are buffered until connected."""
+    """The connection from one client's relay to one node. Writes are buffered until connected:
+    above ``buffer_limit`` bytes the client is paused (as by a full transport) until it opens."""
 
     def __init__(self, client: ClusterClientConnection, address: Address) -> None:
         self.client = client
@@ -127,6 +128,7 @@ class NodeLink(RedisSide):
         self.streaming: Place | None = None  # pub/sub: every frame goes to this place
         self._scanner = ReplyScanner()
         self._early: list[bytes] = []  # written, not yet drained (or the connection not open yet)
+        self._waiting = 0  # bytes written before the connection opened
         #: how many ``Sent`` at the end of ``inflight`` are still in ``_early``: Redis cannot
         #: have received them, so any of them may be resent if this connection is lost
         self.unsent = 0
@@ -147,6 +149,11 @@ class NodeLink(RedisSide):
         if not self._early:
             self.client.dirty.append(self)
         self._early.append(data)
+        if self.transport is None:
+            # Connected, _early is drained after each client read; not yet, it must be bounded.
+            self._waiting += len(data)
+            if self._waiting > self.client.server.buffer_limit:
+                self.client.link_full(self, True)
 
     def drain(self) -> None:
         if self.transport is not None and self._early:
@@ -157,6 +164,9 @@ class NodeLink(RedisSide):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self.client.server.buffer_limit)  # type: ignore[union-attr]
+        if self._waiting > self.client.server.buffer_limit:
+            self.client.link_full(self, False)  # before the write below, which may pause it again
+        self._waiting = 0
         if self._early:
             self.transport.write(b"".join(self._early))  # type: ignore[union-attr]
             self._early = []

@@ -366,3 +366,23 @@ def test_replies_wait_while_the_client_does_not_read(monkeypatch: pytest.MonkeyP
     assert proxy.client.written.count(b"-ERR CLUSTER not supported") > 100
     assert proxy.client.reading
 
+
+def test_writes_queued_before_the_node_connection_opens_pause_the_client() -> None:
+    proxy = Proxy()
+    value = b"v" * 10_000
+    for i in range(10):  # > buffer_limit bytes, all for a node not connected yet
+        proxy.send((b"SET", key_on(A, f"q{i}-"), value))
+    assert not proxy.client.reading
+    node = proxy.connect(A)
+    assert node.written.count(value) == 10
+    assert proxy.client.reading
+
+
+def test_a_subscribed_pipe_to_a_connecting_node_pauses_the_client() -> None:
+    """Commands down a pub/sub pipe take no place in the order: only bytes can bound them."""
+    proxy = Proxy()
+    proxy.send((b"SUBSCRIBE", b"ch"))
+    for _ in range(10):
+        proxy.send((b"PING", b"p" * 10_000))
+    assert not proxy.client.reading
+
