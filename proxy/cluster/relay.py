@@ -74,7 +74,8 @@ class ClusterClientConnection(asyncio.Protocol):
         self.tx = Tx.NONE
         self.tx_slot = -1
         self.tx_link: NodeLink | None = None
-        self.tx_held: list[Sent] = []
+        self.tx_held: list[Sent] = []  # MULTI and what followed it, until a key names the node
+        self.tx_held_bytes = 0
         self.tx_aborted = False
         self.streaming: NodeLink | None = None  # subscribed: everything goes to this node
         self.writes_paused = False
@@ -404,6 +405,22 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def tx_reset(self) -> None:
         self.tx, self.tx_slot, self.tx_link, self.tx_held, self.tx_aborted = Tx.NONE, -1, None, [], False
+        self.tx_held_bytes = 0
+
+    def hold(self, sent: Sent) -> bool:
+        """Keep a command of a transaction that has no node yet (:meth:`pin` sends it). Above
+        ``buffer_limit`` bytes held: False, the transaction is aborted (EXEC will answer
+        -EXECABORT) and only its MULTI is kept."""
+        size = len(sent.data)
+        if self.tx_held and self.tx_held_bytes + size > self.server.buffer_limit:
+            log.info("transaction above %d bytes before its first key: aborted", self.server.buffer_limit)
+            del self.tx_held[1:]
+            self.tx_held_bytes = len(self.tx_held[0].data)
+            self.tx_aborted = True
+            return False
+        self.tx_held.append(sent)
+        self.tx_held_bytes += size
+        return True
 
     def pin(self, slot: int) -> NodeLink:
         """The transaction's node, from its first key: held commands go out first."""
@@ -411,7 +428,7 @@ class ClusterClientConnection(asyncio.Protocol):
         self.tx_slot = slot
         for sent in self.tx_held:
             link.send(sent)
-        self.tx_held = []
+        self.tx_held, self.tx_held_bytes = [], 0
         return link
 
 

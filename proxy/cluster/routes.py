@@ -117,9 +117,13 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
     if tx is Tx.QUEUED:
         # Held until a key names the node. The client may wait for each reply before sending
         # the next command, so its +QUEUED is ours; a command Redis refuses later makes EXEC
-        # answer -EXECABORT, as it would have anyway.
-        c.tx_held.append(Sent(encode(args), None, callback=_ignore, follow=False))
-        c.reply_local(QUEUED)
+        # answer -EXECABORT, as it would have anyway. An aborted one never runs: nothing kept.
+        if c.tx_aborted or c.hold(Sent(encode(args), None, callback=_ignore, follow=False)):
+            c.reply_local(QUEUED)
+        else:
+            c.reply_local(replies.error(
+                f"ERR key-evt-amqp: transaction too long before its first key (more than "
+                f"{c.server.buffer_limit} bytes held); it is aborted"))
         return True
     if tx is Tx.PINNED:
         c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
@@ -199,7 +203,7 @@ def _multi(c: Client, args: list[bytes], name: bytes) -> None:
         c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
     else:
         c.tx = Tx.QUEUED  # MULTI always succeeds here: answered now, sent with the first key
-        c.tx_held = [Sent(encode(args), None, callback=_ignore, follow=False)]
+        c.hold(Sent(encode(args), None, callback=_ignore, follow=False))
         c.reply_local(OK)
 
 

@@ -386,3 +386,18 @@ def test_a_subscribed_pipe_to_a_connecting_node_pauses_the_client() -> None:
         proxy.send((b"PING", b"p" * 10_000))
     assert not proxy.client.reading
 
+
+def test_a_transaction_held_before_its_first_key_is_bounded() -> None:
+    """Commands after MULTI are held in the proxy until one names a key: over buffer_limit bytes
+    the command is refused and the transaction aborted (EXEC answers -EXECABORT)."""
+    proxy = Proxy()
+    proxy.send((b"MULTI",))
+    for _ in range(10):
+        proxy.send((b"ECHO", b"e" * 10_000))
+    out = proxy.client.written
+    assert out.count(b"+QUEUED") < 10
+    assert b"-ERR key-evt-amqp: transaction too long before its first key" in out
+    assert sum(len(sent.data) for sent in proxy.relay.tx_held) <= proxy.server.buffer_limit
+    proxy.send((b"EXEC",))
+    assert proxy.client.written.endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+
