@@ -25,9 +25,13 @@ them.
 Which command goes where is :mod:`.routes`; this module is the per-client state machine.
 
 Limits: at most ``MAX_ORDER`` commands waiting for their reply (client reading pauses above it,
-resumes at half); a pub/sub stream holds at most ``server.buffer_limit`` bytes before the node's
-reading pauses; every node link pauses the client when its write buffer is full. Commands waiting
-for a resend are among those in flight (so within ``MAX_ORDER``); the client is paused meanwhile.
+resumes at half; while the client's transport is full, finished replies wait there too); a
+pub/sub stream holds at most ``server.buffer_limit`` bytes before the node's reading pauses; every
+node link pauses the client when its write buffer is full, or, not connected yet, when more than
+``buffer_limit`` bytes wait for it; commands held after ``MULTI`` until a key names the node: at
+most ``buffer_limit`` bytes (above: refused, the transaction aborted); one unparsed client command:
+at most ``MAX_COMMAND_BYTES`` (above: error and close). Commands waiting for a resend are among
+those in flight (so within ``MAX_ORDER``); the client is paused meanwhile.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ log = logging.getLogger("key_evt_amqp.cluster")
 
 MAX_ORDER = 10_000
 MAX_REDIRECTS = 5
+#: One client command is parsed whole before it is routed: above this (Redis's default
+#: client-query-buffer-limit) unparsed, the client gets an error and is closed, as Redis closes it.
+MAX_COMMAND_BYTES = 1024 * 1024 * 1024
 #: Resends of one command (after a lost connection, TRYAGAIN or CLUSTERDOWN), and for how long
 #: after its first failure: a kill -9 failover with cluster-node-timeout 2 s takes 3-5 s.
 MAX_RETRIES = 20
@@ -145,6 +152,10 @@ class ClusterClientConnection(asyncio.Protocol):
                     return
         except hiredis.ProtocolError:
             self._order_local(replies.error("ERR Protocol error: invalid multibulk request")).close_after = True
+        if reader.len() > MAX_COMMAND_BYTES:
+            log.info("client command above %d bytes: closed", MAX_COMMAND_BYTES)
+            self._close_with(f"ERR key-evt-amqp: command larger than {MAX_COMMAND_BYTES} bytes")
+            return
         self.flush()
 
     def _inline_received(self, data: bytes) -> None:

@@ -401,3 +401,13 @@ def test_a_transaction_held_before_its_first_key_is_bounded() -> None:
     proxy.send((b"EXEC",))
     assert proxy.client.written.endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
 
+
+def test_a_command_above_the_size_limit_closes_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One unfinished command is buffered whole before it is routed: bounded by MAX_COMMAND_BYTES."""
+    monkeypatch.setattr(relay_module, "MAX_COMMAND_BYTES", 4096, raising=False)
+    proxy = Proxy()
+    proxy.relay.data_received(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\n")
+    for _ in range(3):
+        proxy.relay.data_received(b"x" * 2000)
+    assert proxy.client.written.startswith(b"-ERR key-evt-amqp: command larger than 4096 bytes")
+    assert proxy.client.closed
