@@ -411,3 +411,21 @@ def test_a_command_above_the_size_limit_closes_the_client(monkeypatch: pytest.Mo
         proxy.relay.data_received(b"x" * 2000)
     assert proxy.client.written.startswith(b"-ERR key-evt-amqp: command larger than 4096 bytes")
     assert proxy.client.closed
+
+
+def test_a_moved_loop_is_bounded() -> None:
+    """Two nodes that send a command to each other: after MAX_REDIRECTS, the client gets MOVED."""
+    proxy = Proxy()
+    key = key_on(A)
+    slot = key_slot(key)
+    proxy.send((b"GET", key))
+    proxy.connect(A)
+    for hop in range(relay_module.MAX_REDIRECTS):
+        there, back = (B, A) if hop % 2 == 0 else (A, B)
+        proxy.answer(back, b"-MOVED %d 127.0.0.1:%d\r\n" % (slot, there[1]))
+        if there not in proxy.nodes or proxy.nodes[there].closed:
+            proxy.connect(there)
+        assert proxy.client.written == b""
+    last = A if relay_module.MAX_REDIRECTS % 2 == 0 else B
+    proxy.answer(last, b"-MOVED %d 127.0.0.1:7002\r\n" % slot)
+    assert proxy.client.written == b"-MOVED %d 127.0.0.1:7002\r\n" % slot
