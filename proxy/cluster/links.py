@@ -156,8 +156,10 @@ class NodeLink(RedisSide):
                 self.client.link_full(self, True)
 
     def drain(self) -> None:
-        if self.transport is not None and self._early:
-            self.transport.write(b"".join(self._early))
+        transport = self.transport
+        # Closing (reset, EOF): connection_lost comes next turn; what waits stays unsent.
+        if transport is not None and self._early and not transport.is_closing():
+            transport.write(b"".join(self._early))
             self._early = []
             self.unsent = 0
 

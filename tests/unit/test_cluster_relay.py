@@ -55,7 +55,8 @@ class FakeTransport:
         return b"".join(self.out)
 
     def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
+        if self.closed:  # as uvloop does once the handle is closed
+            raise RuntimeError("unable to perform operation on a closed transport")
         self.out.append(data)
 
     def pause_reading(self) -> None:
@@ -429,3 +430,23 @@ def test_a_moved_loop_is_bounded() -> None:
     last = A if relay_module.MAX_REDIRECTS % 2 == 0 else B
     proxy.answer(last, b"-MOVED %d 127.0.0.1:7002\r\n" % slot)
     assert proxy.client.written == b"-MOVED %d 127.0.0.1:7002\r\n" % slot
+
+
+def test_nothing_is_written_to_a_node_connection_that_is_closing() -> None:
+    """Between the transport closing (a reset) and connection_lost (the next loop turn) the link
+    still has it: writes there raised in the client's data_received (uvloop) or were silently
+    dropped (after EOF). They now stay queued, so the commands count as never sent: resent."""
+    async def scenario() -> None:
+        proxy = Proxy()
+        key = key_on(A)
+        proxy.send((b"GET", key))
+        node = proxy.connect(A)
+        proxy.answer(A, bulk(b"1"))
+        node.close()  # reset by the peer: connection_lost is on its way
+        proxy.send((b"SET", key, b"2"))
+        proxy.drop(A)
+        again = await proxy.resent(A)
+        assert again.written == encode(b"SET", key, b"2")  # never left: resent, though a write
+        proxy.answer(A, b"+OK\r\n")
+        assert proxy.client.written == bulk(b"1") + b"+OK\r\n"
+    run(scenario)
