@@ -83,3 +83,20 @@ def hello_version(args: list[bytes]) -> int | None:
     if len(args) < 2:
         return None
     return string2ll(args[1])
+
+
+#: Commands that change nothing, so sending one twice is harmless: the ``readonly`` commands of
+#: Redis 7.0 (``COMMAND`` flags), ``OBJECT`` and ``XINFO`` (every subcommand is ``readonly`` or
+#: ``HELP``), and ``PING``/``ECHO``/``TIME``. The cluster relay resends these when their node
+#: connection is lost before the reply (any other command only when it never left the proxy).
+#: A table, not ``COMMAND`` at start, for the reasons of :mod:`protocol.slots`; a command missing
+#: here is merely not resent. tests/e2e/test_cluster_commands.py checks it against the server.
+READ_ONLY = frozenset(n.encode() for n in """bitcount bitfield_ro bitpos dbsize dump eval_ro
+    evalsha_ro exists expiretime fcall_ro geodist geohash geopos georadius_ro georadiusbymember_ro
+    geosearch get getbit getrange hexists hget hgetall hkeys hlen hmget hrandfield hscan hstrlen
+    hvals keys lcs lindex llen lolwut lpos lrange mget pexpiretime pfcount pttl randomkey scan scard
+    sdiff sinter sintercard sismember smembers smismember sort_ro srandmember sscan strlen substr
+    sunion touch ttl type xlen xpending xrange xread xrevrange zcard zcount zdiff zinter zintercard
+    zlexcount zmscore zrandmember zrange zrangebylex zrangebyscore zrank zrevrange zrevrangebylex
+    zrevrangebyscore zrevrank zscan zscore zunion
+    object xinfo ping echo time""".split())

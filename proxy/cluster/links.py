@@ -34,14 +34,24 @@ class Tx(enum.Enum):
     PINNED = "pinned"  # inside MULTI, on ``tx_link``
 
 
+class Resend(enum.Enum):
+    """What may be done with a command whose node connection was lost before its reply (or that
+    Redis refused unrun: ``TRYAGAIN``, ``CLUSTERDOWN``). Decided when the command is routed."""
+
+    NEVER = "never"  # bound to that node or its state (transaction, fanned part, replay): fails
+    IF_UNSENT = "if-unsent"  # may have an effect: resent only when Redis cannot have received it
+    ALWAYS = "always"  # read-only (:data:`protocol.commands.READ_ONLY`): resent either way
+
+
 class Place:
     """A client command's place in the reply order: done once ``reply`` is set.
 
     A split command fills ``parts`` and ``merge`` makes the reply of them. A pub/sub place is a
-    ``stream``: it takes every later frame of its node and never ends.
+    ``stream``: it takes every later frame of its node and never ends (``stream_bytes`` held; the
+    relay pauses the node above ``buffer_limit``).
     """
 
-    __slots__ = ("reply", "parts", "missing", "merge", "close_after", "stream")
+    __slots__ = ("reply", "parts", "missing", "merge", "close_after", "stream", "stream_bytes")
 
     def __init__(self, reply: bytes | None = None) -> None:
         self.reply = reply
@@ -50,11 +60,24 @@ class Place:
         self.merge: Merge | None = None
         self.close_after = False
         self.stream: list[bytes] | None = None
+        self.stream_bytes = 0
 
     def split(self, count: int, merge: Merge) -> None:
         self.parts = [b""] * count
         self.missing = count
         self.merge = merge
+
+    def stream_in(self, raw: bytes) -> int:
+        """Hold one more pub/sub frame; returns the bytes now held."""
+        self.stream.append(raw)  # type: ignore[union-attr]
+        self.stream_bytes += len(raw)
+        return self.stream_bytes
+
+    def stream_out(self) -> list[bytes]:
+        """The frames held, in order; the place holds none after."""
+        out, self.stream = self.stream or [], []
+        self.stream_bytes = 0
+        return out
 
     def fill(self, part: int, raw: bytes) -> None:
         if part < 0:
@@ -71,23 +94,31 @@ class Sent:
     """A command written to a node: its bytes (to resend after MOVED/ASK) and where its reply goes.
 
     ``callback`` replaces ``place`` for the relay's own commands (ASKING, replays, probes).
+    ``resend`` says whether it may be sent again elsewhere (:class:`Resend`); ``retries`` and
+    ``failed_at`` (loop time of its first failure) bound how often and how long.
     """
 
-    __slots__ = ("data", "place", "part", "slot", "redirects", "callback", "follow")
+    __slots__ = ("data", "place", "part", "slot", "redirects", "callback", "follow", "resend",
+                 "retries", "failed_at")
 
     def __init__(self, data: bytes, place: Place | None, part: int = -1, slot: int = -1,
-                 callback: Callable[[Frame], None] | None = None, follow: bool = True) -> None:
+                 callback: Callable[[Frame], None] | None = None, follow: bool = True,
+                 resend: Resend = Resend.NEVER) -> None:
         self.data = data
         self.place = place
         self.part = part
-        self.slot = slot  # the key slot it was routed by; -1 for keyless
+        self.slot = slot  # the key slot it was routed by; -1 for keyless (the home node)
         self.redirects = 0
         self.callback = callback
         self.follow = follow  # False inside MULTI: MOVED/ASK reach the client
+        self.resend = resend
+        self.retries = 0
+        self.failed_at = 0.0
 
 
 class NodeLink(RedisSide):
-    """The connection from one client's relay to one node. Writes are buffered until connected."""
+    """The connection from one client's relay to one node. Writes are buffered until connected:
+    above ``buffer_limit`` bytes the client is paused (as by a full transport) until it opens."""
 
     def __init__(self, client: ClusterClientConnection, address: Address) -> None:
         self.client = client
@@ -97,6 +128,10 @@ class NodeLink(RedisSide):
         self.streaming: Place | None = None  # pub/sub: every frame goes to this place
         self._scanner = ReplyScanner()
         self._early: list[bytes] = []  # written, not yet drained (or the connection not open yet)
+        self._waiting = 0  # bytes written before the connection opened
+        #: how many ``Sent`` at the end of ``inflight`` are still in ``_early``: Redis cannot
+        #: have received them, so any of them may be resent if this connection is lost
+        self.unsent = 0
         self.closed = False
 
     @property
@@ -105,6 +140,7 @@ class NodeLink(RedisSide):
 
     def send(self, sent: Sent) -> None:
         self.inflight.append(sent)
+        self.unsent += 1
         self.write(sent.data)
 
     def write(self, data: bytes) -> None:
@@ -113,18 +149,30 @@ class NodeLink(RedisSide):
         if not self._early:
             self.client.dirty.append(self)
         self._early.append(data)
+        if self.transport is None:
+            # Connected, _early is drained after each client read; not yet, it must be bounded.
+            self._waiting += len(data)
+            if self._waiting > self.client.server.buffer_limit:
+                self.client.link_full(self, True)
 
     def drain(self) -> None:
-        if self.transport is not None and self._early:
-            self.transport.write(b"".join(self._early))
+        transport = self.transport
+        # Closing (reset, EOF): connection_lost comes next turn; what waits stays unsent.
+        if transport is not None and self._early and not transport.is_closing():
+            transport.write(b"".join(self._early))
             self._early = []
+            self.unsent = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self.client.server.buffer_limit)  # type: ignore[union-attr]
+        if self._waiting > self.client.server.buffer_limit:
+            self.client.link_full(self, False)  # before the write below, which may pause it again
+        self._waiting = 0
         if self._early:
             self.transport.write(b"".join(self._early))  # type: ignore[union-attr]
             self._early = []
+            self.unsent = 0
         if self.client.writes_paused:
             self.transport.pause_reading()  # type: ignore[union-attr]
 
@@ -142,7 +190,8 @@ class NodeLink(RedisSide):
                     client.answered(self, self.inflight.popleft(), frame)
                 # else: a reply to nothing (never from a sound Redis): dropped
         except ReplyError as exc:
-            client.link_failed(self, str(exc))
+            # What was sent may have caused it (a reply above the limit): resend nothing sent.
+            client.link_failed(self, str(exc), resend_sent=False)
             return
         client.flush()
 

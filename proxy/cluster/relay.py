@@ -7,15 +7,31 @@ per node (:mod:`protocol.reply_scan`) and written to the client in command order
 gets a :class:`~.links.Place` in ``_order``, and the head of it goes out as soon as it is done.
 
 Redirections never reach the client: ``MOVED`` patches the map, asks for a refresh and resends;
-``ASK`` sends ``ASKING`` and the command to the node named; ``TRYAGAIN`` (a multi-key command
-during a migration) resends after a short pause. Inside ``MULTI`` they are passed on: the
-transaction is pinned to one node, and Redis aborts it, as it would for a cluster client.
+``ASK`` sends ``ASKING`` and the command to the node named (at most ``MAX_REDIRECTS`` per command).
+Inside ``MULTI`` they are passed on: the transaction is pinned to one node, and Redis aborts it,
+as it would for a cluster client.
+
+Resending (:class:`~.links.Resend`, decided by :mod:`.routes`): a command refused unrun
+(``TRYAGAIN`` during a migration, ``CLUSTERDOWN`` during a failover), or whose node connection was
+lost before its reply, is resent to the current owner of its slot when that cannot run it twice:
+it is read-only, or Redis never received it (still queued in the proxy, or the connection never
+opened). Any other command gets ``-ERR key-evt-amqp: lost the connection to Redis node host:port
+(reason)`` (it may or may not have run). Resends wait ``FIRST_RETRY_DELAY``, doubling up to
+``MAX_RETRY_DELAY``, so a failover has time to show in the map; at most ``MAX_RETRIES`` times and
+not later than ``RETRY_WINDOW`` after the first failure, after which the last error is the reply.
+While commands wait for a resend the client is not read, so its later commands cannot overtake
+them.
 
 Which command goes where is :mod:`.routes`; this module is the per-client state machine.
 
 Limits: at most ``MAX_ORDER`` commands waiting for their reply (client reading pauses above it,
-resumes at half); a pub/sub stream holds at most ``server.buffer_limit`` bytes before the node's
-reading pauses; every node link pauses the client when its write buffer is full.
+resumes at half; while the client's transport is full, finished replies wait there too); a
+pub/sub stream holds at most ``server.buffer_limit`` bytes before the node's reading pauses; every
+node link pauses the client when its write buffer is full, or, not connected yet, when more than
+``buffer_limit`` bytes wait for it; commands held after ``MULTI`` until a key names the node: at
+most ``buffer_limit`` bytes (above: refused, the transaction aborted); one unparsed client command:
+at most ``MAX_COMMAND_BYTES`` (above: error and close). Commands waiting for a resend are among
+those in flight (so within ``MAX_ORDER``); the client is paused meanwhile.
 """
 
 from __future__ import annotations
@@ -29,10 +45,10 @@ import hiredis
 
 from protocol import NEED_DATA, ProtocolError, RequestParser, replies
 from protocol.reply_scan import Frame
-from protocol.slots import key_slot
 from proxy.cluster import routes
-from proxy.cluster.links import NodeLink, Place, Sent, Tx
+from proxy.cluster.links import NodeLink, Place, Resend, Sent, Tx
 from proxy.cluster.topology import Address, parse_address
+from proxy.config import SECONDS
 
 if TYPE_CHECKING:
     from proxy.server import Server
@@ -41,8 +57,15 @@ log = logging.getLogger("key_evt_amqp.cluster")
 
 MAX_ORDER = 10_000
 MAX_REDIRECTS = 5
-TRYAGAIN_DELAY = 0.05  # seconds
-CROSSSLOT = replies.error("CROSSSLOT Keys in request don't hash to the same slot")
+#: One client command is parsed whole before it is routed: above this (Redis's default
+#: client-query-buffer-limit) unparsed, the client gets an error and is closed, as Redis closes it.
+MAX_COMMAND_BYTES = 1024 * 1024 * 1024
+#: Resends of one command (after a lost connection, TRYAGAIN or CLUSTERDOWN), and for how long
+#: after its first failure: a kill -9 failover with cluster-node-timeout 2 s takes 3-5 s.
+MAX_RETRIES = 20
+RETRY_WINDOW = 10 * SECONDS
+FIRST_RETRY_DELAY = 0.05 * SECONDS
+MAX_RETRY_DELAY = 1 * SECONDS
 
 
 class ClusterClientConnection(asyncio.Protocol):
@@ -58,7 +81,8 @@ class ClusterClientConnection(asyncio.Protocol):
         self.tx = Tx.NONE
         self.tx_slot = -1
         self.tx_link: NodeLink | None = None
-        self.tx_held: list[Sent] = []
+        self.tx_held: list[Sent] = []  # MULTI and what followed it, until a key names the node
+        self.tx_held_bytes = 0
         self.tx_aborted = False
         self.streaming: NodeLink | None = None  # subscribed: everything goes to this node
         self.writes_paused = False
@@ -71,6 +95,8 @@ class ClusterClientConnection(asyncio.Protocol):
         self._full_links: set[NodeLink] = set()
         self._reading = True
         self._shutting = False
+        self._parked: list[Sent] = []  # waiting for a resend, in the order they failed
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -83,6 +109,9 @@ class ClusterClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.forget(self)
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         for link in list(self.links.values()):
             link.close()
         self.links.clear()
@@ -123,6 +152,10 @@ class ClusterClientConnection(asyncio.Protocol):
                     return
         except hiredis.ProtocolError:
             self._order_local(replies.error("ERR Protocol error: invalid multibulk request")).close_after = True
+        if reader.len() > MAX_COMMAND_BYTES:
+            log.info("client command above %d bytes: closed", MAX_COMMAND_BYTES)
+            self._close_with(f"ERR key-evt-amqp: command larger than {MAX_COMMAND_BYTES} bytes")
+            return
         self.flush()
 
     def _inline_received(self, data: bytes) -> None:
@@ -172,6 +205,10 @@ class ClusterClientConnection(asyncio.Protocol):
             dirty, self.dirty = self.dirty, []
             for link in dirty:
                 link.drain()
+        if self.writes_paused:
+            # The client reads nothing now: finished replies wait in _order (MAX_ORDER stops
+            # reading the client), the stream in its place (its node pauses). resume_writing flushes.
+            return
         order = self._order
         if not order or order[0].reply is None and order[0].stream is None:
             return
@@ -180,8 +217,7 @@ class ClusterClientConnection(asyncio.Protocol):
         while order:
             head = order[0]
             if head.stream is not None:
-                out += head.stream
-                head.stream.clear()
+                out += head.stream_out()
                 if self.streaming is not None:
                     self.streaming.resume_reading()
                 break
@@ -204,10 +240,14 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def answered(self, link: NodeLink, sent: Sent, frame: Frame) -> None:
         """A node's reply to ``sent``: follow a redirection, or put it in its place."""
-        if frame.error and sent.follow and sent.redirects < MAX_REDIRECTS:
+        if frame.error and sent.follow:
             text = frame.error_text
-            if text[:6] == b"MOVED " or text[:4] == b"ASK " or text[:9] == b"TRYAGAIN ":
-                if self._redirect(sent, text):
+            if text[:6] == b"MOVED " or text[:4] == b"ASK ":
+                if sent.redirects < MAX_REDIRECTS and self._redirect(sent, text):
+                    return
+            elif text[:9] == b"TRYAGAIN " or text[:12] == b"CLUSTERDOWN ":
+                # Refused before it ran: any command may go again.
+                if sent.resend is not Resend.NEVER and self._resend_later(sent):
                     return
         if sent.callback is not None:
             sent.callback(frame)
@@ -217,9 +257,6 @@ class ClusterClientConnection(asyncio.Protocol):
     def _redirect(self, sent: Sent, text: bytes) -> bool:
         sent.redirects += 1
         parts = text.split(b" ")
-        if parts[0] == b"TRYAGAIN":
-            asyncio.get_running_loop().call_later(TRYAGAIN_DELAY, self._resend, sent)
-            return True
         if len(parts) != 3:
             return False
         try:
@@ -235,11 +272,32 @@ class ClusterClientConnection(asyncio.Protocol):
             target.send(sent)
         return True
 
-    def _resend(self, sent: Sent) -> None:
+    def _resend_later(self, sent: Sent) -> bool:
+        """Park ``sent`` for the next resend round; False when its budget is spent."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if sent.retries == 0:
+            sent.failed_at = now
+        delay = min(FIRST_RETRY_DELAY * 2 ** sent.retries, MAX_RETRY_DELAY)
+        if sent.retries >= MAX_RETRIES or now + delay - sent.failed_at > RETRY_WINDOW:
+            return False
+        sent.retries += 1
+        self._parked.append(sent)
+        if self._retry_timer is None:
+            self._retry_timer = loop.call_later(delay, self._resend_parked)
+            self._set_reading()
+        return True
+
+    def _resend_parked(self) -> None:
+        """Each parked command to the current owner of its slot (keyless: the home node)."""
+        self._retry_timer = None
+        parked, self._parked = self._parked, []
         if self.closing:
             return
-        address = self.topology.owner(sent.slot) if sent.slot >= 0 else None
-        self.link(address or self.home()).send(sent)
+        for sent in parked:
+            address = self.topology.owner(sent.slot) if sent.slot >= 0 else None
+            self.link(address or self.home()).send(sent)
+        self._set_reading()
         self.flush()
 
     def pushed(self, raw: bytes) -> None:
@@ -250,9 +308,8 @@ class ClusterClientConnection(asyncio.Protocol):
     def streamed(self, link: NodeLink, raw: bytes) -> None:
         place = link.streaming
         assert place is not None and place.stream is not None
-        place.stream.append(raw)
-        if sum(map(len, place.stream)) > self.server.buffer_limit:
-            link.pause_reading()  # resumed by flush() once the stream is at the head
+        if place.stream_in(raw) > self.server.buffer_limit:
+            link.pause_reading()  # resumed by flush() once the stream is written out
 
     # -- node links ----------------------------------------------------------------------------
 
@@ -291,20 +348,33 @@ class ClusterClientConnection(asyncio.Protocol):
         if self.closing:
             link.close()
 
-    def link_failed(self, link: NodeLink, reason: str) -> None:
-        """The node is gone: what was in flight there fails (the client stays), the map is checked."""
+    def link_failed(self, link: NodeLink, reason: str, *, resend_sent: bool = True) -> None:
+        """The node connection is gone: what was in flight there is resent where that is safe
+        (:class:`~.links.Resend`; ``resend_sent=False``: only what never left), the rest fails
+        (the client stays), the map is checked."""
         if self.links.get(link.address) is link:
             del self.links[link.address]
         link.close()
         if self.closing:
             return
+        # It may have died full (no resume_writing comes after connection_lost): forget that.
+        self._full_links.discard(link)
+        self._set_reading()
         log.info("node %s: %s", link.name, reason)
         self.topology.refresh_soon()
         error = replies.error(f"ERR key-evt-amqp: lost the connection to Redis node {link.name} ({reason})")
         inflight, link.inflight = link.inflight, deque()
-        for sent in inflight:
+        # A subscription or a transaction died with the connection: nothing of it is resent.
+        stateless = link is not self.streaming and link is not self.tx_link
+        first_unsent = len(inflight) - link.unsent
+        for index, sent in enumerate(inflight):
+            resend = sent.resend
+            if stateless and resend is not Resend.NEVER and (
+                    index >= first_unsent or (resend is Resend.ALWAYS and resend_sent)):
+                if self._resend_later(sent):
+                    continue
             self.answered(link, sent, Frame(error, error=True))
-        if link is self.streaming or link is self.tx_link:
+        if not stateless:
             # Its state (subscriptions, MULTI, WATCH) died with it: so does the client's.
             self._order_local(error).close_after = True
         self.flush()
@@ -312,7 +382,7 @@ class ClusterClientConnection(asyncio.Protocol):
     # -- flow control --------------------------------------------------------------------------
 
     def _set_reading(self) -> None:
-        want = not (self._shutting or self._full_links or len(self._order) > MAX_ORDER)
+        want = not (self._shutting or self._full_links or self._parked or len(self._order) > MAX_ORDER)
         transport = self.transport
         if transport is None or transport.is_closing() or want == self._reading:
             return
@@ -336,14 +406,32 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writes_paused = False
-        self.dirty: list[NodeLink] = []  # links with writes queued: drained by flush()
+        limit = self.server.buffer_limit
         for link in self.links.values():
-            link.resume_reading()
+            if link.streaming is None or link.streaming.stream_bytes <= limit:
+                link.resume_reading()
+        self.flush()  # what waited; a stream above its limit resumes its node once written
 
     # -- transactions --------------------------------------------------------------------------
 
     def tx_reset(self) -> None:
         self.tx, self.tx_slot, self.tx_link, self.tx_held, self.tx_aborted = Tx.NONE, -1, None, [], False
+        self.tx_held_bytes = 0
+
+    def hold(self, sent: Sent) -> bool:
+        """Keep a command of a transaction that has no node yet (:meth:`pin` sends it). Above
+        ``buffer_limit`` bytes held: False, the transaction is aborted (EXEC will answer
+        -EXECABORT) and only its MULTI is kept."""
+        size = len(sent.data)
+        if self.tx_held and self.tx_held_bytes + size > self.server.buffer_limit:
+            log.info("transaction above %d bytes before its first key: aborted", self.server.buffer_limit)
+            del self.tx_held[1:]
+            self.tx_held_bytes = len(self.tx_held[0].data)
+            self.tx_aborted = True
+            return False
+        self.tx_held.append(sent)
+        self.tx_held_bytes += size
+        return True
 
     def pin(self, slot: int) -> NodeLink:
         """The transaction's node, from its first key: held commands go out first."""
@@ -351,18 +439,10 @@ class ClusterClientConnection(asyncio.Protocol):
         self.tx_slot = slot
         for sent in self.tx_held:
             link.send(sent)
-        self.tx_held = []
+        self.tx_held, self.tx_held_bytes = [], 0
         return link
 
 
 def _ignore(frame: Frame) -> None:
     """The reply to one of the relay's own commands (ASKING, a replayed AUTH): not the client's."""
 
-
-def slot_of(keys: list[bytes]) -> int:
-    """The one slot of ``keys``, or -1 when they span several."""
-    slot = key_slot(keys[0])
-    for key in keys[1:]:
-        if key_slot(key) != slot:
-            return -1
-    return slot

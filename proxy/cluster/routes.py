@@ -3,6 +3,9 @@
 - Keyed commands go to the master owning their slot; keys in several slots get Redis's own
   ``-CROSSSLOT``, except :data:`SPLIT` commands, sent per slot and merged (not atomic then).
 - Keyless commands go to the "home" node (the first master), or to every master (:data:`FANNED`).
+- What may be resent if the node connection is lost (:class:`~.links.Resend`): single-slot,
+  split and home-node commands outside a transaction (always when read-only, else only if they
+  never left the proxy); never fanned parts, transactions, session replays or our own commands.
 - Transactions are pinned to the node of their first key (or of WATCH); until a key is seen
   after ``MULTI``, commands are held.
 - ``AUTH``/``HELLO``/``CLIENT SETNAME|SETINFO|NO-EVICT|NO-TOUCH`` go to every open node link and
@@ -21,11 +24,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from protocol import merge, replies
-from protocol.commands import ADMIN_PREFIX, admin_verb
+from protocol.commands import ADMIN_PREFIX, READ_ONLY, admin_verb
 from protocol.reply_scan import Frame
 from protocol.slots import UNKNOWN, key_slot, keys_of
 from proxy import admin
-from proxy.cluster.links import Place, Sent, Tx
+from proxy.cluster.links import Place, Resend, Sent, Tx
 
 if TYPE_CHECKING:
     from proxy.cluster.relay import ClusterClientConnection as Client
@@ -75,7 +78,7 @@ def dispatch(c: Client, args: list[bytes]) -> None:
         return
     keys = keys_of(args)
     if keys is UNKNOWN or not keys:
-        _keyless(c, args)
+        _keyless(c, args, name)
         return
     slot = key_slot(keys[0])  # type: ignore[index]
     for key in keys[1:]:  # type: ignore[index]
@@ -85,13 +88,17 @@ def dispatch(c: Client, args: list[bytes]) -> None:
             else:
                 _crossslot(c)
             return
-    _keyed(c, args, slot)
+    _keyed(c, args, slot, name)
 
 
-def _keyed(c: Client, args: list[bytes], slot: int) -> None:
+def _resend(name: bytes) -> Resend:
+    return Resend.ALWAYS if name in READ_ONLY else Resend.IF_UNSENT
+
+
+def _keyed(c: Client, args: list[bytes], slot: int, name: bytes) -> None:
     tx = c.tx
     if tx is Tx.NONE or tx is Tx.WATCHING:
-        c.link_for_slot(slot).send(Sent(encode(args), c.place(), slot=slot))
+        c.link_for_slot(slot).send(Sent(encode(args), c.place(), slot=slot, resend=_resend(name)))
         return
     if tx is Tx.QUEUED:
         c.tx = Tx.PINNED
@@ -110,9 +117,13 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
     if tx is Tx.QUEUED:
         # Held until a key names the node. The client may wait for each reply before sending
         # the next command, so its +QUEUED is ours; a command Redis refuses later makes EXEC
-        # answer -EXECABORT, as it would have anyway.
-        c.tx_held.append(Sent(encode(args), None, callback=_ignore, follow=False))
-        c.reply_local(QUEUED)
+        # answer -EXECABORT, as it would have anyway. An aborted one never runs: nothing kept.
+        if c.tx_aborted or c.hold(Sent(encode(args), None, callback=_ignore, follow=False)):
+            c.reply_local(QUEUED)
+        else:
+            c.reply_local(replies.error(
+                f"ERR key-evt-amqp: transaction too long before its first key (more than "
+                f"{c.server.buffer_limit} bytes held); it is aborted"))
         return True
     if tx is Tx.PINNED:
         c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
@@ -122,7 +133,8 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
 
 def _keyless(c: Client, args: list[bytes], name: bytes = b"") -> None:
     if not _in_tx(c, args):
-        c.link(c.home()).send(Sent(encode(args), c.place()))
+        resend = _resend(name or args[0].lower())
+        c.link(c.home()).send(Sent(encode(args), c.place(), resend=resend))
 
 
 def _crossslot(c: Client) -> None:
@@ -150,6 +162,7 @@ def _split(c: Client, args: list[bytes], name: bytes, keys: list[bytes]) -> None
         place.split(len(groups), merge.first)
     else:
         place.split(len(groups), merge.summed)
+    resend = _resend(name)
     for part, (slot, indexes) in enumerate(groups.items()):
         if name == b"mset":
             sub = [args[0]]
@@ -157,7 +170,7 @@ def _split(c: Client, args: list[bytes], name: bytes, keys: list[bytes]) -> None
                 sub += args[1 + 2 * i:3 + 2 * i]
         else:
             sub = [args[0], *(keys[i] for i in indexes)]
-        c.link_for_slot(slot).send(Sent(encode(sub), place, part=part, slot=slot))
+        c.link_for_slot(slot).send(Sent(encode(sub), place, part=part, slot=slot, resend=resend))
 
 
 def _fan(c: Client, args: list[bytes], how: Callable[[list[bytes]], bytes]) -> None:
@@ -190,7 +203,7 @@ def _multi(c: Client, args: list[bytes], name: bytes) -> None:
         c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
     else:
         c.tx = Tx.QUEUED  # MULTI always succeeds here: answered now, sent with the first key
-        c.tx_held = [Sent(encode(args), None, callback=_ignore, follow=False)]
+        c.hold(Sent(encode(args), None, callback=_ignore, follow=False))
         c.reply_local(OK)
 
 
@@ -279,7 +292,7 @@ def _subscribe(c: Client, args: list[bytes], name: bytes) -> None:
 
     def started(frame: Frame) -> None:
         link.streaming = place
-        place.stream.append(frame.raw)  # type: ignore[union-attr]
+        place.stream_in(frame.raw)
 
     c.streaming = link
     link.send(Sent(encode(args), None, callback=started, follow=False))

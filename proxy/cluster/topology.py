@@ -102,7 +102,10 @@ async def query(address: Address, *commands: tuple[bytes | str, ...], auth: Redi
     sent = [*prefix, *commands]
     reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout)
     try:
-        writer.write(b"".join(encode(*command) for command in sent))
+        try:
+            writer.write(b"".join(encode(*command) for command in sent))
+        except RuntimeError as exc:  # uvloop, when the node closed before this write
+            raise ConnectionResetError("closed before the commands were sent") from exc
         parser = hiredis.Reader(notEnoughData=NEED_DATA)
         out: list[object] = []
         received = 0
@@ -196,6 +199,8 @@ class Topology:
                 await self.refresh()
             except TopologyError as exc:
                 log.warning("%s", exc)
+            except Exception:  # a bug must cost one refresh: a dead refresher never sees a failover
+                log.exception("cluster map refresh failed")
 
     async def refresh(self) -> None:
         """Ask the known masters, then the seeds, until one gives a full map."""

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from cluster import RedisCluster
-from harness import ErrorReply, ProxyProcess, RawClient, unreachable_amqp_url, wait_for
+from cluster import SUMMARY, RedisCluster
+from harness import HOST, ErrorReply, ProxyProcess, RawClient, RedisServer, unreachable_amqp_url, wait_for
+from protocol.commands import READ_ONLY
 from protocol.slots import key_slot
 
 
@@ -265,3 +266,119 @@ def test_redis_benchmark_through_the_proxy(cproxy: ProxyProcess, cluster: RedisC
     print(out)
     assert result.returncode == 0, out
     assert "SET:" in out and "GET:" in out and "rror" not in out
+
+
+def test_read_only_table_is_the_servers(cluster: RedisCluster) -> None:
+    """protocol.commands.READ_ONLY (what the relay may resend after a lost connection) is exactly
+    what the server flags ``readonly`` (whole command, or every subcommand but HELP), plus three
+    commands with no effect at all."""
+    with cluster.servers[0].client() as direct:
+        table = direct.execute_command("COMMAND")
+    flagged = {name for name, info in table.items() if "readonly" in info["flags"]}
+    flagged |= {name for name, info in table.items() if info["subcommands"] and all(
+        b"readonly" in sub[2] or sub[0].endswith(b"|help") for sub in info["subcommands"])}
+    assert {n.decode() for n in READ_ONLY} == flagged | {"ping", "echo", "time"}
+
+
+def _proxy_link_on(node: RedisServer, name: str) -> dict[str, str] | None:
+    """The proxy's connection to ``node`` for the client named ``name`` (names are replayed on
+    every node link), from ``CLIENT LIST`` on the node."""
+    with node.client() as direct:
+        return next((e for e in direct.client_list() if e["name"] == name), None)
+
+
+def test_node_connection_killed_reads_resent_write_failed(cproxy: ProxyProcess, cluster: RedisCluster) -> None:
+    """A node connection killed with a SET and GETs in flight on it: the GETs are resent and
+    answer right; the SET, which Redis received, gets the lost-connection error and is not resent."""
+    keys = [f"kill:{i}" for i in range(300)]
+    write_key = "kill:write"
+    victim = cluster.owner_of(key_slot(write_key.encode()))
+    on_victim = [k for k in keys if cluster.owner_of(key_slot(k.encode())).port == victim.port]
+    assert 50 < len(on_victim) < 250
+    with cproxy.client() as c, victim.client() as direct:
+        c.client_setname("kill-me")
+        c.mset({k: k for k in keys})  # opens (and names) a link to every master
+        direct.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")  # the SET waits in Redis
+        results: list[object] = []
+        try:
+            pipe = c.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+            pipe.set(write_key, "1")
+            for key in keys:
+                pipe.get(key)  # those on the victim wait behind the SET
+            runner = threading.Thread(target=lambda: results.extend(pipe.execute(raise_on_error=False)))
+            runner.start()
+            link = wait_for(lambda: (e := _proxy_link_on(victim, "kill-me")) and e["cmd"] == "set" and e,
+                            message="for the SET to wait on the victim")
+            assert direct.execute_command("CLIENT", "KILL", "ID", link["id"]) == 1
+        finally:
+            direct.execute_command("CLIENT", "UNPAUSE")
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+        error = results[len(keys)]
+        assert isinstance(error, redis.ResponseError), error
+        assert str(error).startswith(f"key-evt-amqp: lost the connection to Redis node {HOST}:{victim.port}")
+        assert results[:len(keys)] + results[len(keys) + 1:] == [k.encode() for k in keys] * 2
+        assert c.get(write_key) is None  # Redis never ran it, and the proxy did not resend it
+        assert c.get(keys[0]) == keys[0].encode()
+
+
+def _role(server: RedisServer) -> list:
+    with server.client(socket_timeout=2) as direct:
+        return direct.execute_command("ROLE")
+
+
+def _in_sync(master: RedisServer) -> bool:
+    """``master`` has a replica, and every replica has acknowledged all it was sent."""
+    _, offset, replicas = _role(master)
+    return bool(replicas) and all(int(r[2]) == offset for r in replicas)
+
+
+def test_master_killed_reads_wait_for_the_failover() -> None:
+    """kill -9 of a master while a client pipelines GETs over every slot: no GET fails; those of
+    the dead master's slots are resent (with backoff) until its replica has taken over."""
+    with RedisCluster() as own, ProxyProcess(own.seed_url, ["--amqp", unreachable_amqp_url()]) as proxy:
+        keys = [f"fo:{i}" for i in range(300)]
+        with proxy.client() as c:
+            c.mset({k: k for k in keys})
+        victim = own.owner_of(key_slot(keys[0].encode()))
+        heir = next(s for s in own.servers if s is not victim and _role(s)[0] == b"slave"
+                    and int(_role(s)[2]) == victim.port)
+        # A replica's first full sync starts repl-diskless-sync-delay (5 s) after it connects.
+        wait_for(lambda: all(_in_sync(m) for m in own.masters()), timeout=30,
+                 message="for the replicas to have every key")
+        failures: list[object] = []
+        rounds: list[float] = []
+        stop = threading.Event()
+
+        def reader() -> None:
+            with proxy.client(socket_timeout=30) as r:
+                while not stop.is_set():
+                    pipe = r.pipeline(transaction=False)
+                    for key in keys:
+                        pipe.get(key)
+                    try:
+                        got = pipe.execute(raise_on_error=False)
+                    except redis.RedisError as exc:
+                        failures.append(exc)
+                        return
+                    failures.extend(g for g, k in zip(got, keys) if g != k.encode())
+                    rounds.append(time.monotonic())
+
+        runner = threading.Thread(target=reader)
+        runner.start()
+        try:
+            wait_for(lambda: len(rounds) > 5)
+            victim.kill()
+            killed = time.monotonic()
+            wait_for(lambda: _role(heir)[0] == b"master", timeout=30, message="for the failover")
+            promoted = time.monotonic()
+            wait_for(lambda: len([t for t in rounds if t > promoted]) > 5 or not runner.is_alive(), timeout=20)
+        finally:
+            stop.set()
+            runner.join(timeout=30)
+        assert failures == [], (sorted({str(f) for f in failures}), proxy.log_text()[-3000:])
+        assert len([t for t in rounds if t > promoted]) > 5
+        SUMMARY.append(f"commands, kill -9: replica promoted {promoted - killed:.2f}s after the kill; "
+                       f"longest GET pipeline round {max(b - a for a, b in zip(rounds, rounds[1:])):.2f}s")
