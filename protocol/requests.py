@@ -176,6 +176,23 @@ class RequestParser:
         return len(self._buf) - self._pos
 
     @property
+    def passing_room(self) -> int:
+        """Streaming: how many of the next bytes are the body of an argument nobody asked for and
+        may be counted off with :meth:`absorb` instead of :meth:`feed` (0 if none). The two bytes
+        after the body are left to :meth:`feed`, so that a request ends only in next_request()."""
+        if self._state is _State.BULK_BODY and self._skipping and self._pos == len(self._buf):
+            return max(0, self._length - 2)
+        return 0
+
+    def absorb(self, n: int) -> None:
+        """Count off ``n`` bytes (at most :attr:`passing_room`) without buffering them."""
+        assert 0 <= n <= self.passing_room
+        self._base += n
+        self._length -= n
+        if self._index == 0:
+            self._passing = True  # a name this long is nobody's
+
+    @property
     def at_boundary(self) -> bool:
         """True when everything fed was returned as requests: nothing unfinished is held."""
         return self._state is _State.REQUEST and self._pos == len(self._buf)

@@ -89,7 +89,7 @@ def test_sigterm_stores_unconfirmed_events(queue: RabbitQueue, relay: FaultRelay
             relay.blackhole()  # confirms stop coming: what is published now stays unconfirmed
             write_sets(rs.port, 100, 300)
             wait_for(lambda: info_field(proxy.client(), "events_accepted") == "300")
-            assert proxy.stop() == 0
+            assert proxy.stop() == 0, proxy.log_text()[-4000:]
         assert client.llen(DEFAULT_FALLBACK_KEY) == 200
         relay.restore()
         with ProxyProcess(rs.url, proxy_args(queue, AMQP_PORT)):

@@ -19,12 +19,16 @@ Last, two clients that announce ``*2147483647`` and leave must not slow the 300 
 
 from __future__ import annotations
 
+import json
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -123,46 +127,28 @@ def drive(crowd: list[Abuser], port: int, seconds: float) -> dict[str, int]:
 
 
 class Watch:
-    """Two threads until :meth:`stop`: one PINGs ``port`` every PING_EVERY s (waiting as long as the
-    answer takes), one samples the proxy's RSS every 20 ms (when a proxy is given)."""
+    """Until :meth:`stop`: a bystander process PINGs ``port`` every PING_EVERY s (tests/bystander.py:
+    a process of its own, so the threads driving the load cannot stall it through the GIL), and a
+    thread here samples the proxy's RSS every 20 ms (when a proxy is given)."""
 
     def __init__(self, port: int, password: str | None, proxy: ProxyProcess | None = None) -> None:
         self.proxy = proxy
         self.stopping = threading.Event()
-        self.latencies: list[float] = []
         self.intervals: list[tuple[float, float]] = []  # (sent, answered) of each PING
-        self.waiting_since: float | None = None  # a PING sent and not answered yet
         self.peak_rss = proxy.rss_bytes() if proxy is not None else 0
-        self.error: BaseException | None = None
-        self.sock = socket.create_connection((HOST, port), timeout=5)
-        if password:
-            self.sock.sendall(b"AUTH %s\r\n" % password.encode())
-            if self.sock.recv(64) != b"+OK\r\n":
-                self.sock.close()
-                raise AssertionError("the bystander's AUTH through the proxy failed")
-        self.sock.settimeout(None)  # stop() unblocks it
-        self.threads = [threading.Thread(target=self._ping, daemon=True)]
-        if proxy is not None:
-            self.threads.append(threading.Thread(target=self._sample, daemon=True))
+        self.error: str | None = None
+        script = Path(__file__).resolve().parents[1] / "bystander.py"
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), HOST, str(port), str(PING_EVERY), password or ""],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.process.stdout is not None and self.process.stdout.readline() == b"ready\n"
+        self.threads = [threading.Thread(target=self._sample, daemon=True)] if proxy is not None else []
         for thread in self.threads:
             thread.start()
 
-    def _ping(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                self.waiting_since = started = time.monotonic()
-                self.sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                reply = self.sock.recv(64)
-                if self.stopping.is_set() and not reply:
-                    return
-                self.latencies.append(time.monotonic() - started)
-                self.intervals.append((started, time.monotonic()))
-                self.waiting_since = None
-                assert reply == b"+PONG\r\n", reply
-                self.stopping.wait(max(0.0, PING_EVERY - (time.monotonic() - started)))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            if not self.stopping.is_set():
-                self.error = exc
+    @property
+    def latencies(self) -> list[float]:
+        return [answered - sent for sent, answered in self.intervals]
 
     def _sample(self) -> None:
         while not self.stopping.wait(0.02):
@@ -173,18 +159,14 @@ class Watch:
                 return  # the proxy died: the test says so
 
     def stop(self) -> None:
-        """Stop both; a PING still unanswered counts with the time it has waited so far."""
+        """Stop both and collect the bystander's PING times."""
         self.stopping.set()
-        if self.waiting_since is not None:
-            self.latencies.append(time.monotonic() - self.waiting_since)
-            self.intervals.append((self.waiting_since, time.monotonic()))
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        out, _ = self.process.communicate(b"", timeout=30)  # the rest of stdout: one JSON object
+        result = json.loads(out)
+        self.error = result["error"]
+        self.intervals = [(sent, answered) for sent, answered in result["intervals"]]
         for thread in self.threads:
             thread.join(10)
-        self.sock.close()
 
 
 def settle(proxy: ProxyProcess, target: int) -> tuple[int, float, int]:
@@ -219,9 +201,11 @@ def abuse(proxy: ProxyProcess, redis_port: int, password: str | None, label: str
     start_rss = proxy.rss_bytes()
     watch = Watch(proxy.port, password, proxy)
     direct = Watch(redis_port, password)
+    began = time.monotonic()
     try:
         try:
             totals = drive(crowd, proxy.port, LOAD_SECONDS)
+            driven = time.monotonic()
         finally:
             for abuser in crowd:
                 if abuser.sock is not None:
@@ -233,6 +217,9 @@ def abuse(proxy: ProxyProcess, redis_port: int, password: str | None, label: str
     # "PING answers within 100 ms throughout", less what Redis itself took at that moment (with 50
     # clients declaring 512 MiB values, Redis allocates each one: its own PINGs stall too).
     slow = [t for t in added_by_proxy(watch, direct) if t > PING_WITHIN]
+    for (sent, answered), added in zip(watch.intervals, added_by_proxy(watch, direct)):
+        if added > PING_WITHIN:
+            print(f"DEBUG slow PING sent {sent - began:.3f}s after the start (load ended at {driven - began:.3f}s), took {answered - sent:.3f}s")
     worst = max(watch.latencies, default=float("nan"))
     summary = (f"{label}: {CLIENTS} clients wrote {', '.join(f'{k} {v / MB:.2f} MB' for k, v in totals.items())}"
                f" (into socket buffers; what the proxy read is less);"

@@ -618,3 +618,15 @@ def test_streaming_takes_a_run_of_plain_inline_lines_at_once() -> None:
 
 def encode(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def test_streaming_absorbs_a_skipped_body_without_buffering() -> None:
+    parser = RequestParser(keep=keep_for_tests)
+    parser.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$10\r\n0123")
+    assert parser.next_request() is NEED_DATA
+    assert parser.passing_room == 6  # the rest of the body, not its CRLF
+    parser.absorb(6)
+    assert parser.offset == 35 and parser.forwardable == 35
+    parser.feed(b"\r\n*1\r\n$4\r\nPING\r\n")
+    first, second = drain(parser)
+    assert (first.args, first.end, second.args) == ((b"SET",), 37, (b"PING",))
