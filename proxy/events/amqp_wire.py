@@ -46,8 +46,14 @@ Public, but used in ways aiormq does not document:
   ``channel.close``) with one ``write()`` call and we write whole frames too. Our writes do not
   wait for ``connection.unblocked``: a blocked broker shows as confirms that do not come.
 
-Logs: aiormq's lines about failed connection attempts and closes are dropped by
-:class:`QuietAiormq` (the publisher reports them itself).
+Logs: aiormq logs a failed connection attempt ("error when creating transport"), a close by the
+broker and the end of its reader as ERROR, or WARNING with a traceback, on ``aiormq.connection``;
+the publisher reports each of these itself (``last_error``, with the same exception), once per
+distinct reason. :class:`QuietAiormq` drops those levels on that logger and keeps its WARNING lines
+without a traceback: connection blocked/unblocked by the broker (with the alarm), connection stuck.
+Also dropped: the two other ERROR lines there, an unknown frame on channel 0 and a frame for a
+closed channel (neither came up with the broker refusing, cut, black-holed, stalled or closing
+the connection). With ``aiormq.connection`` (or the root) at DEBUG, nothing is dropped.
 """
 
 from __future__ import annotations
@@ -113,13 +119,14 @@ check_aiormq()
 
 
 class QuietAiormq(logging.Filter):
-    """aiormq logs every failed connection attempt as an error; the publisher reports them
-    itself, once per distinct reason (``last_error`` in ``key_evt_amqp.info``)."""
+    """On logger ``aiormq.connection``: drop ERROR and above and records with a traceback (the
+    publisher reports those failures); keep the rest; keep everything when that logger is
+    enabled for DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("error when creating transport",
-                                               "Unexpected connection close from remote",
-                                               "Cancelling cause reader exited abnormally"))
+        if record.levelno < logging.ERROR and not record.exc_info:
+            return True
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 AIORMQ_LOGGER = "aiormq.connection"
