@@ -36,11 +36,15 @@ def _run(coro: Any) -> Any:
 
 
 class RabbitQueue:
-    """``with RabbitQueue() as q:`` -> ``q.routing_key``, ``q.count()``, ``q.drain()``."""
+    """``with RabbitQueue() as q:`` -> ``q.routing_key``, ``q.count()``, ``q.drain()``.
 
-    def __init__(self, url: str = URL) -> None:
+    ``arguments`` are extra queue arguments, e.g. ``{"x-max-length": 0, "x-overflow":
+    "reject-publish"}`` for a queue whose broker nacks every publish."""
+
+    def __init__(self, url: str = URL, arguments: dict[str, Any] | None = None) -> None:
         token = uuid.uuid4().hex[:12]
         self.url = url
+        self.arguments = {"x-expires": QUEUE_TTL_MS, **(arguments or {})}
         self.name = f"kea-test-{token}"
         self.routing_key = f"kea-rk-{token}"
         self.exchange = EXCHANGE
@@ -56,7 +60,7 @@ class RabbitQueue:
         conn = await aiormq.connect(self.url)
         try:
             ch = await conn.channel()
-            await ch.queue_declare(self.name, arguments={"x-expires": QUEUE_TTL_MS})
+            await ch.queue_declare(self.name, arguments=self.arguments)
             await ch.queue_bind(self.name, self.exchange, routing_key=self.routing_key)
         finally:
             await conn.close()

@@ -7,16 +7,19 @@ One root, so a caller can catch everything this package raises on purpose::
     │                         e.g. "AMQP CONNECT ERROR: 3" (send it as ``-AMQP CONNECT ERROR: 3``)
     ├── LinkError             a Redis connection of the pipeline dropped or never came up;
     │                         the caller retries later (the source and the fallback reconnect)
-    └── BrokerError           connecting to RabbitMQ failed; ``code`` is the module's
-                              CONNECT ERROR number (3 refused/unreachable, 4 login refused,
-                              5 channel failed)
+    ├── BrokerError           connecting to RabbitMQ failed; ``code`` is the module's
+    │                         CONNECT ERROR number (3 refused/unreachable, 4 login refused,
+    │                         5 channel failed)
+    └── AiormqIncompatible    (also an ImportError) raised when ``proxy.events.amqp_wire`` is
+                              imported with an aiormq that lacks a private hook it relies on;
+                              install a checked aiormq version or port the adapter
 
 Redis error replies are values (``hiredis.ReplyError`` instances returned, not raised).
 """
 
 from __future__ import annotations
 
-__all__ = ["AmqpCommandError", "BrokerError", "EventsError", "LinkError"]
+__all__ = ["AiormqIncompatible", "AmqpCommandError", "BrokerError", "EventsError", "LinkError"]
 
 
 class EventsError(Exception):
@@ -42,3 +45,8 @@ class BrokerError(EventsError):
         super().__init__(f"{reason} (code {code})")
         self.code = code
         self.reason = reason
+
+
+class AiormqIncompatible(EventsError, ImportError):
+    """The installed aiormq lacks a private hook of ``proxy.events.amqp_wire``; the message
+    names the aiormq version and the missing names."""

@@ -1,11 +1,11 @@
-"""The broker side: one aiormq connection, one confirm-mode channel, many messages in flight.
+"""The broker side: one AMQP connection, one confirm-mode channel, many messages in flight.
 
-aiormq does the connection work (handshake, login, heartbeats, channel open, ``confirm.select``,
-reading and parsing frames). The hot path bypasses ``Channel.basic_publish``, which costs a lock,
-three pamqp objects, a queue hand-off and a drain per message (measured 9x slower): events are
-encoded by :class:`~proxy.events.message.FrameEncoder` and written to the socket many at a time,
-and the channel subclass below hands ``basic.ack``/``basic.nack``/``basic.return`` straight to
-:class:`AmqpPublisher`, which tracks the in-flight window by delivery tag.
+The hot path bypasses aiormq's ``Channel.basic_publish``, which costs a lock, three pamqp objects,
+a queue hand-off and a drain per message (measured 9x slower): events are encoded by
+:class:`~proxy.events.message.FrameEncoder` and written to the socket many at a time through a
+:class:`~proxy.events.amqp_wire.ConfirmLink`, which hands ``basic.ack``/``basic.nack``/
+``basic.return`` and the connection's end straight to :class:`AmqpPublisher`; it tracks the
+in-flight window by delivery tag. aiormq itself is only used in :mod:`proxy.events.amqp_wire`.
 
 Outcomes go to the sink in publish order as ``sink.on_settled(confirmed, failed)``; an in-flight
 entry is ``(event, batch, index)`` as given to :meth:`AmqpPublisher.publish`. An event counts as
@@ -20,22 +20,16 @@ caller keeps events elsewhere (the fallback list). Nothing here grows without bo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
 from collections import deque
 from typing import Any, Protocol
 
-import aiormq
-from aiormq import spec
-from aiormq.abc import ConfirmationFrameType
-from aiormq.connection import TransportFactory
-from aiormq.exceptions import (AMQPError, AuthenticationError, ConnectionClosed,
-                               ProbableAuthenticationError)
 from yarl import URL
 
 from proxy.config import Config
+from proxy.events.amqp_wire import CHANNEL, ConfirmLink, LinkListener, open_link
 from proxy.events.errors import BrokerError
 from proxy.events.message import Event, FrameEncoder
 from proxy.events.ratelog import RateLimitedLog
@@ -44,28 +38,15 @@ __all__ = ["AmqpPublisher", "BrokerState", "InFlight"]
 
 log = logging.getLogger("proxy.events.publisher")
 
-CHANNEL = 1
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024  # bytes queued in the socket before publishing pauses
 RECONNECT_MIN = 0.25
 RECONNECT_MAX = 5.0
 STABLE_AFTER = 10.0  # seconds a connection must live before the reconnect delay starts over
 HEARTBEAT_SILENCE = 1.5  # heartbeats without any frame from the broker before it counts as dead
 DISCONNECT_GRACE = 2.0  # seconds `disconnect` waits for confirms before closing
+CLOSE_TIMEOUT = 2.0  # seconds a polite close may take before the socket is dropped
 
 InFlight = tuple[Event, Any, int]  # (event, batch, index): the sink's own bookkeeping
-
-
-class _QuietReconnects(logging.Filter):
-    """aiormq logs every failed connection attempt as an error; we report them ourselves, once
-    per distinct reason (``last_error`` in ``key_evt_amqp.info``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("error when creating transport",
-                                               "Unexpected connection close from remote",
-                                               "Cancelling cause reader exited abnormally"))
-
-
-logging.getLogger("aiormq.connection").addFilter(_QuietReconnects())
 
 
 class BrokerState(enum.Enum):
@@ -80,56 +61,6 @@ class BrokerState(enum.Enum):
 class Sink(Protocol):
     def on_ready(self) -> None: ...
     def on_settled(self, confirmed: list[InFlight], failed: list[InFlight]) -> None: ...
-
-
-class _TimedReader(asyncio.StreamReader):
-    """A StreamReader that remembers when the broker last sent anything (heartbeats included)."""
-
-    last_rx = 0.0
-
-    def feed_data(self, data: bytes) -> None:
-        self.last_rx = self._loop.time()  # type: ignore[attr-defined]
-        super().feed_data(data)
-
-
-class _Transports(TransportFactory):
-    """Opens the TCP connection for aiormq and keeps the reader and writer for us."""
-
-    def __init__(self) -> None:
-        self.reader: _TimedReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        loop = asyncio.get_running_loop()
-        reader = _TimedReader(limit=1 << 20, loop=loop)
-        reader.last_rx = loop.time()
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        try:
-            transport, _ = await loop.create_connection(lambda: protocol, url.host, url.port)
-        except OSError as exc:
-            raise aiormq.AMQPConnectionError(*exc.args) from exc
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        self.reader, self.writer = reader, writer
-        return reader, writer
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.transport.abort()
-
-
-class _PublishChannel(aiormq.Channel):
-    """A confirm-mode channel whose acks, nacks and returns go to the publisher, not to futures."""
-
-    publisher: AmqpPublisher
-
-    async def _on_confirm_frame(self, frame: ConfirmationFrameType) -> None:
-        self.publisher._on_confirm(frame.delivery_tag, frame.multiple, isinstance(frame, spec.Basic.Nack))
-
-    async def _on_return_frame(self, frame: spec.Basic.Return) -> None:
-        header = await self._get_frame()
-        message = await self._read_content(frame, header)  # type: ignore[arg-type]
-        message_id = message.header.properties.message_id or ""
-        self.publisher._on_return(message_id.encode(), frame.reply_code, frame.reply_text)
 
 
 def amqp_url(config: Config) -> URL:
@@ -157,8 +88,7 @@ class AmqpPublisher:
         self.returned = 0
         self.timeouts = 0
         self.connections = 0
-        self._conn: aiormq.Connection | None = None
-        self._transports: _Transports | None = None
+        self._link: ConfirmLink | None = None
         self._encoder: FrameEncoder | None = None
         self._frame_max = 131072
         self._pending: deque[tuple[Event, Any, int, float]] = deque()
@@ -179,10 +109,8 @@ class AmqpPublisher:
 
     def room(self) -> int:
         """How many more events :meth:`publish` takes now (0 unless connected and not congested)."""
-        if self.state is not BrokerState.READY or self._transports is None:
-            return 0
-        writer = self._transports.writer
-        if writer is None or writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        link = self._link
+        if self.state is not BrokerState.READY or link is None or link.buffered > WRITE_BUFFER_LIMIT:
             return 0
         return max(0, self.config.publish_window - len(self._pending))
 
@@ -221,8 +149,8 @@ class AmqpPublisher:
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if out and self._transports is not None and self._transports.writer is not None:
-            self._transports.writer.transport.write(b"".join(out))
+        if out and self._link is not None:
+            self._link.write(b"".join(out))
 
     def _on_confirm(self, tag: int, multiple: bool, nack: bool) -> None:
         if tag < self._first_tag or not self._pending:
@@ -301,77 +229,34 @@ class AmqpPublisher:
 
     async def _open(self, config: Config) -> None:
         """Connect, open the confirm channel, start the watchdog. Raises BrokerError."""
-        transports = _Transports()
-        conn = aiormq.Connection(amqp_url(config), transport_factory=transports)
-        where = f"{config.amqp_host}:{config.amqp_port}"
-        try:
-            await asyncio.wait_for(conn.connect(), config.connect_timeout)
-        except (ProbableAuthenticationError, AuthenticationError) as exc:
-            await self._discard(conn, transports)
-            raise BrokerError(BrokerError.LOGIN_REFUSED, f"login refused by {where}: {exc}") from None
-        except ConnectionClosed as exc:
-            await self._discard(conn, transports)
-            code = BrokerError.LOGIN_REFUSED if exc.args and exc.args[0] in (403, 530) else BrokerError.REFUSED
-            raise BrokerError(code, f"{where} closed the connection: {exc}") from None
-        except asyncio.TimeoutError:
-            await self._discard(conn, transports)
-            raise BrokerError(BrokerError.REFUSED, f"no AMQP handshake from {where} "
-                                                   f"within {config.connect_timeout}s") from None
-        except (AMQPError, OSError) as exc:
-            await self._discard(conn, transports)
-            raise BrokerError(BrokerError.REFUSED, f"cannot reach {where}: {exc!r}") from None
-        except asyncio.CancelledError:  # `connect` took over, or shutdown
-            transports.abort()
-            raise
-        try:
-            channel = _PublishChannel(conn, CHANNEL, publisher_confirms=True, frame_buffer=1000,
-                                      on_return_raises=False)
-            channel.publisher = self
-            conn.channels[CHANNEL] = channel
-            await asyncio.wait_for(channel.open(), config.connect_timeout)
-        except (AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
-            await self._discard(conn, transports)
-            raise BrokerError(BrokerError.CHANNEL_FAILED, f"channel open failed on {where}: {exc!r}") from None
-        except asyncio.CancelledError:
-            transports.abort()
-            raise
-        self._conn, self._transports = conn, transports
-        self._frame_max = conn.connection_tune.frame_max or 131072
+        listener = LinkListener(self._on_confirm, self._on_return, self._on_closed)
+        link = await open_link(amqp_url(config), listener, config.connect_timeout)
+        self._link = link
+        self._frame_max = link.frame_max
         self._encoder = self._make_encoder()
         self._first_tag = 1
         self._early.clear()
         self._returned_ids.clear()
         self._lost = asyncio.get_running_loop().create_future()
         self.connections += 1
-        for source in (conn, channel):
-            source.closing.add_done_callback(
-                lambda fut, conn=conn: self._on_closing(conn, fut))
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch(conn, transports))
-        log.info("connected to RabbitMQ at %s (heartbeat %ss)", where, config.heartbeat)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(link))
+        log.info("connected to RabbitMQ at %s:%s (heartbeat %ss)", config.amqp_host, config.amqp_port,
+                 config.heartbeat)
 
-    async def _discard(self, conn: aiormq.Connection, transports: _Transports) -> None:
-        transports.abort()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(conn.close(), 1.0)
+    def _on_closed(self, reason: str) -> None:
+        self._drop(f"connection or channel closed: {reason}")
 
-    def _on_closing(self, conn: aiormq.Connection, fut: asyncio.Future[Any]) -> None:
-        reason = "closed"
-        if not fut.cancelled() and fut.exception() is not None:
-            reason = repr(fut.exception())
-        if conn is self._conn:
-            self._drop(f"connection or channel closed: {reason}")
-
-    async def _watch(self, conn: aiormq.Connection, transports: _Transports) -> None:
+    async def _watch(self, link: ConfirmLink) -> None:
         """Give up on a broker that stops answering: heartbeat silence or a confirm overdue."""
         heartbeat = self.config.heartbeat
         timeout = self.config.publish_timeout
         step = min(0.5, heartbeat / 4) if heartbeat > 0 else 0.5
-        while conn is self._conn:
+        while link is self._link:
             await asyncio.sleep(step)
             now = self._now()
-            reader = transports.reader
-            if heartbeat > 0 and reader is not None and now - reader.last_rx > HEARTBEAT_SILENCE * heartbeat:
-                self._drop(f"no frame from the broker for {now - reader.last_rx:.1f}s "
+            silence = now - link.last_rx
+            if heartbeat > 0 and silence > HEARTBEAT_SILENCE * heartbeat:
+                self._drop(f"no frame from the broker for {silence:.1f}s "
                            f"(heartbeat {heartbeat}s): connection dead")
             elif self._pending and now - self._pending[0][3] > timeout:
                 self.timeouts += 1
@@ -379,24 +264,18 @@ class AmqpPublisher:
 
     def _drop(self, reason: str, abort: bool = True) -> None:
         """Forget the current connection: everything in flight fails; the socket is aborted
-        unless ``abort`` is False (a close on purpose: the caller closes the connection itself)."""
-        conn, transports = self._conn, self._transports
-        if conn is None:
+        unless ``abort`` is False (a close on purpose: the caller closes the link itself)."""
+        link = self._link
+        if link is None:
             return
         if abort:
             self._note_error(reason)
         else:
             log.info("amqp: %s (%d message(s) unconfirmed go to the fallback list)", reason, len(self._pending))
-        self._conn = self._transports = self._encoder = None
+        self._link = self._encoder = None
         self._out.clear()
         if abort:
-            # Stop aiormq's reader first: it would log the EOF we cause as a traceback.
-            reader_task = getattr(conn, "_reader_task", None)
-            if reader_task is not None:
-                reader_task.cancel()
-            if transports is not None:
-                transports.abort()
-            asyncio.get_running_loop().create_task(self._close_quietly(conn))
+            link.abort()
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
         failed = [(event, batch, index) for event, batch, index, _ in self._pending]
@@ -408,11 +287,6 @@ class AmqpPublisher:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
         self.sink.on_settled([], failed)
-
-    @staticmethod
-    async def _close_quietly(conn: aiormq.Connection) -> None:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(conn.close(), 2.0)
 
     async def connect_now(self, config: Config) -> None:
         """``key_evt_amqp.connect``: connect now with ``config``. Raises BrokerError.
@@ -440,7 +314,7 @@ class AmqpPublisher:
         """Wait up to ``timeout`` for every in-flight message to be confirmed or failed."""
         self._flush()
         deadline = self._now() + timeout
-        while self._pending and self._conn is not None and self._now() < deadline:
+        while self._pending and self._link is not None and self._now() < deadline:
             await asyncio.sleep(0.02)
 
     async def disconnect(self, final: bool = False) -> bool:
@@ -449,19 +323,17 @@ class AmqpPublisher:
         Waits briefly for confirms, then closes; unconfirmed messages fail to the sink. Returns
         whether a connection was open.
         """
-        was_connected = self._conn is not None
+        was_connected = self._link is not None
         self.state = BrokerState.STOPPED if final else BrokerState.DISABLED
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if was_connected and not final:
             await self.settle(DISCONNECT_GRACE)
-        conn, transports = self._conn, self._transports
-        if conn is not None:
+        link = self._link
+        if link is not None:
             self._drop("disconnected on request" if not final else "shutting down", abort=False)
-            await self._close_quietly(conn)
-            if transports is not None:
-                transports.abort()
+            await link.close(CLOSE_TIMEOUT)
         self.state = BrokerState.STOPPED if final else BrokerState.DISABLED
         return was_connected
 
