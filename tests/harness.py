@@ -336,6 +336,29 @@ class ProxyProcess:
         self.close()
 
 
+def exchange(port: int, chunks: Sequence[bytes], *, half_close: bool = False, idle: float = 0.5,
+             gap: float = 0.0, host: str = HOST) -> tuple[bytes, bool]:
+    """Send ``chunks`` (one write each, ``gap`` seconds apart), half-close if asked, then read until
+    the peer closes (True) or stays silent for ``idle`` seconds (False). A reset counts as a close."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        for i, chunk in enumerate(chunks):
+            if i and gap:
+                time.sleep(gap)
+            sock.sendall(chunk)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(idle)
+        received = bytearray()
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+            return bytes(received), True
+        except ConnectionResetError:
+            return bytes(received), True
+        except TimeoutError:
+            return bytes(received), False
+
+
 class ErrorReply(bytes):
     """A RESP error reply (``-ERR ...``), kept as a value: ``ErrorReply(b"ERR unknown command ...")``."""
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from harness import ProxyProcess, RedisServer, encode_command, unreachable_amqp_url, wait_for
+from harness import ProxyProcess, RedisServer, encode_command, exchange, unreachable_amqp_url, wait_for
 
 MIB = 1024 * 1024
 
@@ -26,25 +26,6 @@ def pair() -> Iterator[tuple[RedisServer, RedisServer, ProxyProcess]]:
             ProxyProcess(behind.url, ("--amqp", unreachable_amqp_url())) as proxy:
         yield direct, behind, proxy
         assert proxy.is_running(), proxy.log_text()[-3000:]
-
-
-def exchange(port: int, chunks: list[bytes], *, half_close: bool = False, idle: float = 0.5) -> tuple[bytes, bool]:
-    """Send ``chunks`` (one write each), then read until the peer closes (True) or is silent for ``idle``."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        for chunk in chunks:
-            sock.sendall(chunk)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(idle)
-        received = bytearray()
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-            return bytes(received), True
-        except ConnectionResetError:
-            return bytes(received), True
-        except TimeoutError:
-            return bytes(received), False
 
 
 def same_as_redis(pair: tuple[RedisServer, RedisServer, ProxyProcess], chunks: list[bytes], **kw: object) -> bytes:

@@ -12,32 +12,15 @@ import time
 import pytest
 import redis
 
-from harness import ProxyProcess, RawClient, RedisServer, encode_command
+from harness import ProxyProcess, RawClient, RedisServer, encode_command, exchange
 
 PROTOCOL_ERROR_CLOSE_TIMEOUT = 5.0
 
 
-def exchange(port: int, data: bytes, timeout: float = PROTOCOL_ERROR_CLOSE_TIMEOUT,
-             split_at: int | None = None) -> tuple[bytes, bool]:
-    """Send ``data``, then collect everything until the peer closes: (bytes received, closed?).
-
-    With ``split_at``, the bytes go in two sends with a pause between, as a slow client would.
-    """
-    received = bytearray()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        if split_at is not None:
-            sock.sendall(data[:split_at])
-            time.sleep(0.1)
-            data = data[split_at:]
-        sock.sendall(data)
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-            return bytes(received), True
-        except ConnectionResetError:
-            return bytes(received), True
-        except TimeoutError:
-            return bytes(received), False
+def exchange_split(port: int, data: bytes, split_at: int | None = None) -> tuple[bytes, bool]:
+    """Send ``data`` raw (cut once at ``split_at``, 0.1 s apart), then read until closed or silent."""
+    chunks = [data] if split_at is None else [data[:split_at], data[split_at:]]
+    return exchange(port, chunks, gap=0.1, idle=PROTOCOL_ERROR_CLOSE_TIMEOUT)
 
 
 def test_inline_ping(proxy: ProxyProcess) -> None:
@@ -110,8 +93,8 @@ def test_protocol_errors_match_redis(name: str, split: bool, proxy: ProxyProcess
     data = GARBAGE[name]
     # Split after the first line: the proxy has seen (and maybe relayed) the start of a command.
     split_at = data.index(b"\n") + 1 if split and b"\n" in data[:-2] else None
-    from_redis = exchange(redis_server.port, data, split_at=split_at)
-    from_proxy = exchange(proxy.port, data, split_at=split_at)
+    from_redis = exchange_split(redis_server.port, data, split_at)
+    from_proxy = exchange_split(proxy.port, data, split_at)
     assert from_redis[1], f"Redis did not close on {name}: {from_redis!r}"
     assert from_proxy == from_redis
 
@@ -119,7 +102,7 @@ def test_protocol_errors_match_redis(name: str, split: bool, proxy: ProxyProcess
 def test_protocol_error_text_and_close(proxy: ProxyProcess) -> None:
     with proxy.client() as bystander:
         assert bystander.set("bystander", "1")
-        received, closed = exchange(proxy.port, b"*abc\r\n")
+        received, closed = exchange_split(proxy.port, b"*abc\r\n")
         assert received == b"-ERR Protocol error: invalid multibulk length\r\n"
         assert closed
         # Only the offending client was closed.
@@ -128,6 +111,6 @@ def test_protocol_error_text_and_close(proxy: ProxyProcess) -> None:
 
 
 def test_protocol_error_after_an_admin_command(proxy: ProxyProcess) -> None:
-    received, closed = exchange(proxy.port, encode_command("key_evt_amqp.keymask_add", "x") + b"*abc\r\n")
+    received, closed = exchange_split(proxy.port, encode_command("key_evt_amqp.keymask_add", "x") + b"*abc\r\n")
     assert received == b"+OK\r\n-ERR Protocol error: invalid multibulk length\r\n"
     assert closed
