@@ -7,7 +7,6 @@ case is sent to Redis directly and through the proxy and the two byte streams ar
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import redis
