@@ -24,6 +24,7 @@ import hiredis
 from protocol.errors import NEED_DATA
 from protocol.slots import SLOTS
 from proxy.config import SECONDS, Config, RedisAddress
+from proxy.errors import TopologyError
 
 log = logging.getLogger("key_evt_amqp.cluster")
 
@@ -35,10 +36,6 @@ QUERY_TIMEOUT = 2 * SECONDS
 #: Our control connections read at most this much for one reply (a CLUSTER SLOTS of a large
 #: cluster is a few hundred KiB).
 MAX_CONTROL_REPLY = 16 * 1024 * 1024
-
-
-class TopologyError(Exception):
-    """No seed or known node answered ``CLUSTER SLOTS`` with a full map."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """Errors of the event pipeline (``proxy.events``).
 
-One root, so a caller can catch everything this package raises on purpose::
+One root, so a caller can catch everything this package raises on purpose; it is itself a
+:class:`proxy.errors.ProxyError` (the whole tree is drawn in :mod:`proxy.errors`)::
 
     EventsError
     ├── AmqpCommandError      an admin command failed; str(exc) is the module's reply text,
@@ -19,10 +20,12 @@ Redis error replies are values (``hiredis.ReplyError`` instances returned, not r
 
 from __future__ import annotations
 
+from proxy.errors import ProxyError
+
 __all__ = ["AiormqIncompatible", "AmqpCommandError", "BrokerError", "EventsError", "LinkError"]
 
 
-class EventsError(Exception):
+class EventsError(ProxyError):
     """Root of every error raised on purpose by ``proxy.events``."""
 
 
