@@ -51,7 +51,7 @@ from protocol.commands import ADMIN_PREFIX, NOTICED, Effect, effect_of, hello_ve
 from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
-from proxy.events.ratelog import RateLimitedLog
+from proxy.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from proxy.server import Server

@@ -39,7 +39,7 @@ from proxy.events.errors import LinkError
 from proxy.events.fallback import FallbackList
 from proxy.events.message import Event
 from proxy.events.publisher import AmqpPublisher, BrokerState, InFlight
-from proxy.events.ratelog import RateLimitedLog
+from proxy.ratelog import RateLimitedLog
 
 __all__ = ["Mode", "Pipeline"]
 

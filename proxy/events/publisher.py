@@ -32,7 +32,7 @@ from proxy.config import Config
 from proxy.events.amqp_wire import CHANNEL, ConfirmLink, LinkListener, open_link
 from proxy.events.errors import BrokerError
 from proxy.events.message import Event, FrameEncoder
-from proxy.events.ratelog import RateLimitedLog
+from proxy.ratelog import RateLimitedLog
 
 __all__ = ["AmqpPublisher", "BrokerState", "InFlight"]
 

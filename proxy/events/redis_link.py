@@ -21,7 +21,7 @@ import hiredis
 
 from proxy.config import RedisAddress
 from proxy.events.errors import LinkError
-from proxy.events.ratelog import RateLimitedLog
+from proxy.ratelog import RateLimitedLog
 
 __all__ = ["RedisLink", "encode_command", "open_link"]
 
