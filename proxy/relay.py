@@ -51,6 +51,7 @@ from protocol.commands import ADMIN_PREFIX, NOTICED, Effect, effect_of, hello_ve
 from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
+from proxy.connect import open_redis
 from proxy.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -174,12 +175,9 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect_upstream(self) -> None:
         address = self.server.upstream_address
-        loop = asyncio.get_running_loop()
         try:
-            transport, upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), address.host, address.port),
-                timeout=self.server.connect_timeout,
-            )
+            transport, upstream = await open_redis(address, lambda: UpstreamConnection(self),
+                                                   timeout=self.server.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             # One line per interval, not one per client: clients reconnect in tight loops.

@@ -49,6 +49,7 @@ from proxy.cluster import routes
 from proxy.cluster.links import NodeLink, Place, Resend, Sent, Tx
 from proxy.cluster.topology import Address, parse_address
 from proxy.config import SECONDS
+from proxy.connect import open_redis
 
 if TYPE_CHECKING:
     from proxy.server import Server
@@ -335,12 +336,9 @@ class ClusterClientConnection(asyncio.Protocol):
         return self.link(self.topology.owner(slot) or self.home())
 
     async def _connect(self, link: NodeLink) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: link, link.address[0], link.address[1]),
-                timeout=self.server.connect_timeout,
-            )
+            await open_redis(self.server.upstream_address.at(link.address), lambda: link,
+                             timeout=self.server.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             self.link_failed(link, f"cannot connect ({reason})")

@@ -24,6 +24,7 @@ import hiredis
 from protocol.errors import NEED_DATA
 from protocol.slots import SLOTS
 from proxy.config import SECONDS, Config, RedisAddress
+from proxy.connect import open_redis_streams
 from proxy.errors import TopologyError
 
 log = logging.getLogger("key_evt_amqp.cluster")
@@ -97,7 +98,8 @@ async def query(address: Address, *commands: tuple[bytes | str, ...], auth: Redi
     if auth is not None and auth.password is not None:
         prefix.append(("AUTH", auth.username, auth.password) if auth.username else ("AUTH", auth.password))
     sent = [*prefix, *commands]
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout)
+    node = auth.at(address) if auth is not None else RedisAddress(address[0], address[1])
+    reader, writer = await open_redis_streams(node, timeout=timeout)
     try:
         try:
             writer.write(b"".join(encode(*command) for command in sent))
