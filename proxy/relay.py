@@ -1,4 +1,4 @@
-"""One client connection and its own upstream Redis connection.
+"""One client connection, relayed to its own upstream Redis connection (:mod:`proxy.upstream`).
 
 Strategy: bytes go through untouched, both ways. Each client chunk is fed to a hiredis reader,
 which splits it into commands in C; the relay adds up their canonical sizes (so it always knows
@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -53,6 +52,7 @@ from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
 from proxy.connect import open_redis
 from proxy.ratelog import RateLimitedLog
+from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from proxy.server import Server
@@ -176,8 +176,9 @@ class ClientConnection(asyncio.Protocol):
     async def _connect_upstream(self) -> None:
         address = self.server.upstream_address
         try:
-            transport, upstream = await open_redis(address, lambda: UpstreamConnection(self),
-                                                   timeout=self.server.connect_timeout)
+            transport, upstream = await open_redis(
+                address, lambda: UpstreamConnection(self, self.server.buffer_limit),
+                timeout=self.server.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             # One line per interval, not one per client: clients reconnect in tight loops.
@@ -757,83 +758,3 @@ def _effect(command: object) -> Effect | None:
     if command.__class__ is not list or not command or command[0].__class__ is not bytes:  # type: ignore[index]
         return None
     return effect_of(command)  # type: ignore[arg-type]
-
-
-class RedisSide(asyncio.Protocol):
-    """A connection the proxy opened to a Redis node: the pause/resume/close every kind shares."""
-
-    transport: asyncio.Transport | None = None
-
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-class UpstreamConnection(RedisSide):
-    """The Redis side of one client: hands every event to its :class:`ClientConnection`."""
-
-    def __init__(self, client: ClientConnection) -> None:
-        self.client = client
-        self.transport: asyncio.Transport | None = None
-        self._spare = -1  # a duplicate of the socket's descriptor, once keep_spare() was called
-        # Bound straight to the client: one Python call less per reply chunk on the hot path.
-        self.data_received = client.reply_data  # type: ignore[method-assign]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.client.server.buffer_limit)  # type: ignore[union-attr]
-
-    def keep_spare(self) -> None:
-        """Keep a second descriptor of this socket from now on (one more fd for this client).
-
-        When Redis closes a connection it had unread input on (it refused a protocol error),
-        the kernel answers our next write with a reset, and uvloop closes the socket on that
-        write error without reading what Redis had sent before: its error reply. The spare
-        descriptor keeps the socket, and those bytes, readable (Linux keeps data queued before a
-        reset), so :meth:`connection_lost` can still pass them on. Taken where Redis judges
-        protocol errors (the exact parser's path), not for every connection."""
-        if self._spare >= 0 or self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        try:
-            self._spare = os.dup(sock.fileno())
-        except (OSError, AttributeError):
-            self._spare = -1
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self._spare >= 0:
-            if exc is not None:
-                self._drain_spare()
-            os.close(self._spare)
-            self._spare = -1
-        self.client.upstream_lost()  # the client then drops its reference to us (no cycle left)
-
-    def _drain_spare(self) -> None:
-        """What Redis sent before the reset, read through the spare descriptor (bounded by the
-        socket's receive buffer), reaches the client before its close."""
-        while True:
-            try:
-                data = os.read(self._spare, 256 * 1024)
-            except OSError:  # nothing more (EAGAIN), or the reset itself once the data is read
-                return
-            if not data:
-                return
-            self.data_received(data)
-
-    def eof_received(self) -> bool:
-        return False  # Redis ended its side: close ours too (connection_lost follows)
-
-    def pause_writing(self) -> None:
-        self.client.upstream_full(True)
-
-    def resume_writing(self) -> None:
-        self.client.upstream_full(False)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from protocol import NEED_DATA
 from protocol.reply_scan import Frame, ReplyError, ReplyScanner
-from proxy.relay import RedisSide
+from proxy.upstream import RedisSide
 
 if TYPE_CHECKING:
     from proxy.cluster.relay import ClusterClientConnection
