@@ -2,7 +2,8 @@
 
 Built once at start from, in increasing priority: defaults, a TOML file, ``KEY_EVT_AMQP_*``
 environment variables and command-line flags (see :func:`proxy.settings.load`). Admin commands
-never mutate it: they build a new one with :func:`dataclasses.replace` and swap it in.
+never mutate it: they build a new one with :func:`dataclasses.replace` and put it in force through
+:class:`proxy.live.LiveConfig`, the one owner of the configuration while the proxy runs.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ from proxy.ratelog import RateLimitedLog
 from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from proxy.server import Server
+    from proxy.runtime import Runtime
+    from proxy.state import ServerState
 
 log = logging.getLogger("key_evt_amqp.relay")
 _quiet_log = RateLimitedLog(log)
@@ -138,8 +139,9 @@ def _keep(name: bytes) -> int:
 class ClientConnection(asyncio.Protocol):
     """The client side. Owns the upstream connection it opens when the client connects."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, server_state: ServerState, runtime: Runtime) -> None:
+        self.server_state = server_state
+        self.runtime = runtime  # for our own commands (:mod:`proxy.admin`)
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.mode = Mode.FAST
@@ -166,19 +168,19 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.server.buffer_limit)  # type: ignore[union-attr]
-        if not self.server.admit(self):
+        self.transport.set_write_buffer_limits(high=self.server_state.buffer_limit)  # type: ignore[union-attr]
+        if not self.server_state.admit(self):
             self._fail("ERR max number of clients reached")
             return
         self._pause(Pause.CONNECTING)
-        self.server.spawn(self._connect_upstream())
+        self.server_state.spawn(self._connect_upstream())
 
     async def _connect_upstream(self) -> None:
-        address = self.server.upstream_address
+        address = self.server_state.upstream
         try:
             transport, upstream = await open_redis(
-                address, lambda: UpstreamConnection(self, self.server.buffer_limit),
-                timeout=self.server.connect_timeout)
+                address, lambda: UpstreamConnection(self, self.server_state.buffer_limit),
+                timeout=self.server_state.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             # One line per interval, not one per client: clients reconnect in tight loops.
@@ -196,7 +198,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode = Mode.CLOSING
-        self.server.forget(self)
+        self.server_state.forget(self)
         self._cancel_timer()
         if self.barrier is not None:
             self.barrier.cancel()
@@ -301,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._held.append(data)
         self._held_bytes += len(data)
-        if self._held_bytes > self.server.buffer_limit:
+        if self._held_bytes > self.server_state.buffer_limit:
             self._stop_reading()
 
     def _resume(self, reason: Pause) -> None:

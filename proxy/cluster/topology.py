@@ -145,11 +145,12 @@ async def is_cluster(config: Config) -> bool:
 
 
 class Topology:
-    """The current :class:`SlotMap` of the cluster behind ``config.upstream``."""
+    """The current :class:`SlotMap` of the cluster behind ``upstream`` (its first seed, and the
+    credentials every node is asked with)."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.seeds: tuple[Address, ...] = ((config.upstream.host, config.upstream.port),)
+    def __init__(self, upstream: RedisAddress) -> None:
+        self.upstream = upstream
+        self.seeds: tuple[Address, ...] = ((upstream.host, upstream.port),)
         self.map: SlotMap | None = None
         #: the last map read whole from a node (``map`` may carry slots patched by ``MOVED``)
         self.full_map: SlotMap | None = None
@@ -208,7 +209,7 @@ class Topology:
         failures = []
         for address in dict.fromkeys((*known, *self.seeds)):
             try:
-                (reply,) = await query(address, ("CLUSTER", "SLOTS"), auth=self.config.upstream)
+                (reply,) = await query(address, ("CLUSTER", "SLOTS"), auth=self.upstream)
             except (OSError, asyncio.TimeoutError, hiredis.HiredisError) as exc:
                 failures.append(f"{address[0]}:{address[1]}: {exc!r}")
                 continue

@@ -31,11 +31,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hiredis
 
-from protocol.events import notify_flags_update
+from protocol.events import notify_flags_update, parse_classes
 from proxy.cluster.topology import Address, SlotMap, Topology, query
 from proxy.config import RedisAddress
 from proxy.events.errors import LinkError
@@ -43,9 +43,7 @@ from proxy.events.flags import ensure_notify_flags
 from proxy.events.message import encode_headers
 from proxy.events.redis_link import RedisLink, open_link
 from proxy.events.source import PATTERN, KeyspaceSource, SourceState, now_ms, parse_channel
-
-if TYPE_CHECKING:
-    from proxy.events.service import EventService
+from proxy.live import LiveConfig
 
 __all__ = ["ClusterSources", "NodeSource", "shard_label"]
 
@@ -59,6 +57,14 @@ FAST_POLL = 0.2  # seconds between map refreshes while a shard is not covered
 SLOW_POLL = 1.0  # seconds between map refreshes otherwise
 FLAGS_INTERVAL = 5.0  # seconds between checks of notify-keyspace-events on every node
 PAUSE_WINDOW_MS = 10_000  # the longest client pause of a manual failover (2 x CLUSTER_MF_TIMEOUT)
+
+Headers = tuple[tuple[bytes, bytes], ...]
+#: ``(db, event name, key, headers, encoded headers)``: one event a master emitted, certified
+OnEvent = Callable[[int, bytes, bytes, Headers, bytes], None]
+#: ``(start_ms, end_ms, source node, headers)``: a shard's events in that window may be lost
+OnGap = Callable[[int, int, bytes, Headers], None]
+#: ``(summary, error)``: notify-keyspace-events as the nodes have it now, and what went wrong
+OnFlags = Callable[[str, str], None]
 
 
 def shard_label(slot_map: SlotMap, address: Address) -> str:
@@ -289,11 +295,21 @@ class NodeSource(KeyspaceSource):
 
 
 class ClusterSources:
-    """Keeps one :class:`NodeSource` per master of ``topology``; the service's ``source``."""
+    """Keeps one :class:`NodeSource` per master of ``topology``; the service's ``source``.
 
-    def __init__(self, service: EventService, topology: Topology) -> None:
-        self.service = service
+    Every master's certified events go to ``on_event``, gap markers to ``on_gap``, and the state of
+    ``notify-keyspace-events`` on the nodes to ``on_flags``. Nodes are reached with ``upstream``'s
+    credentials; the event classes and the connect timeout are read from ``live`` when needed.
+    """
+
+    def __init__(self, topology: Topology, upstream: RedisAddress, live: LiveConfig, *,
+                 on_event: OnEvent, on_gap: OnGap, on_flags: OnFlags) -> None:
         self.topology = topology
+        self.upstream = upstream
+        self.live = live
+        self.on_event = on_event
+        self.on_gap = on_gap
+        self.on_flags = on_flags
         self.sources: dict[Address, NodeSource] = {}
         self.first_slots: dict[Address, int] = {}
         #: gaps waiting for the new master of a shard to be confirmed, by the new master's address
@@ -405,12 +421,11 @@ class ClusterSources:
             self._retire(address, slot_map.owners[first] if first >= 0 else None)
 
     def _add(self, address: Address) -> NodeSource:
-        up = self.service.config.upstream
-        node = RedisAddress(address[0], address[1], up.username, up.password, 0)
+        node = self.upstream.at(address)
         source: NodeSource
 
         def on_event(db: int, name: bytes, key: bytes) -> None:
-            self.service.on_node_keyspace(db, name, key, source.headers, source.extra)
+            self.on_event(db, name, key, source.headers, source.extra)
 
         def on_gap(start: int, end: int) -> None:
             self._publish_gap(start, end, address, source.node_id, source.shard, address)
@@ -419,8 +434,8 @@ class ClusterSources:
             self._confirmed(address)
 
         async def prepare(link: RedisLink) -> None:
-            timeout = self.service.config.connect_timeout
-            value, error = await ensure_notify_flags(lambda c: link.request(c, timeout), self.service.classes,
+            timeout = self.live.current.connect_timeout
+            value, error = await ensure_notify_flags(lambda c: link.request(c, timeout), self._classes(),
                                                      node_name(address))
             if value:
                 self.notify[address] = value
@@ -429,7 +444,7 @@ class ClusterSources:
             else:
                 self.notify_errors.pop(address, None)
 
-        source = NodeSource(node, self.service.config.connect_timeout, on_event, on_gap, on_subscribed,
+        source = NodeSource(node, self.live.current.connect_timeout, on_event, on_gap, on_subscribed,
                             self._trouble, prepare)
         self.sources[address] = source
         log.info("keyspace source for master %s", node_name(address))
@@ -486,7 +501,7 @@ class ClusterSources:
         entry["to"] = node_name(new)
         headers = ((b"node", node_name(old).encode()), (b"node_id", node_id.encode()),
                    (b"shard", shard.encode()), (b"new_node", node_name(new).encode()))
-        self.service.publish_gap(start, end, node_name(old).encode(), headers)
+        self.on_gap(start, end, node_name(old).encode(), headers)
 
     # ---- notify-keyspace-events on every node ----------------------------------------------------
 
@@ -506,16 +521,19 @@ class ClusterSources:
                 self.notify_errors.pop(gone, None)
             await asyncio.gather(*(self._ensure_flags(node) for node in nodes), return_exceptions=True)
             error = "; ".join(f"{node_name(a)}: {e}" for a, e in self.notify_errors.items() if e)
-            self.service.cluster_flags_checked(self._flags_summary(), error)
+            self.on_flags(self._flags_summary(), error)
 
     def _flags_summary(self) -> str:
         values = set(self.notify.values())
         return values.pop() if len(values) == 1 else ",".join(
             f"{node_name(a)}={v}" for a, v in sorted(self.notify.items()))
 
+    def _classes(self) -> frozenset[str]:
+        return parse_classes(self.live.current.events)
+
     async def _ensure_flags(self, address: Address) -> None:
-        auth = self.service.config.upstream
-        classes = self.service.classes
+        auth = self.upstream
+        classes = self._classes()
         try:
             (reply,) = await query(address, ("CONFIG", "GET", "notify-keyspace-events"), auth=auth)
             if isinstance(reply, hiredis.ReplyError) or not isinstance(reply, list) or len(reply) < 2:

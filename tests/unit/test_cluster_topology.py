@@ -9,7 +9,7 @@ import uvloop
 
 from proxy import connect
 from proxy.cluster.topology import Topology, query
-from proxy.config import Config
+from proxy.config import RedisAddress
 
 
 def test_a_node_that_closes_before_the_query_is_written_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,7 +44,7 @@ def test_the_refresher_outlives_an_unexpected_error() -> None:
     """A refresh that fails in a way nobody foresaw costs that refresh, not every later one
     (the map would stay stale forever: a failover never seen)."""
     async def scenario() -> None:
-        topology = Topology(Config())
+        topology = Topology(RedisAddress())
         calls: list[int] = []
 
         async def refresh() -> None:
