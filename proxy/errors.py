@@ -7,8 +7,10 @@ Exception tree::
     │                           (passwords as ``***``): print it and exit 2, or send it as ``-ERR``
     ├── TopologyError           no cluster node gave a full slot map; the refresher logs it and
     │                           tries again (the last good map stays in use)
+    ├── CommandError            one of our ``key_evt_amqp.*`` commands failed: reply ``-`` + ``str(exc)``
     └── EventsError             root of the event pipeline (:mod:`proxy.events.errors`)
-        ├── AmqpCommandError    key_evt_amqp.connect / disconnect failed: reply ``-`` + ``str(exc)``
+        ├── AmqpCommandError    key_evt_amqp.connect / disconnect failed (also a CommandError),
+        │                       e.g. ``AMQP CONNECT ERROR: 3``
         ├── LinkError           a pipeline connection to Redis dropped (also a ConnectionError):
         │                       retry after a backoff
         ├── BrokerError         connecting to RabbitMQ failed; ``code`` is the module's CONNECT ERROR
@@ -23,7 +25,7 @@ instances in the pipeline), never exceptions. Failing to connect is the ``OSErro
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ProxyError", "TopologyError"]
+__all__ = ["CommandError", "ConfigError", "ProxyError", "TopologyError"]
 
 
 class ProxyError(Exception):
@@ -36,3 +38,7 @@ class ConfigError(ProxyError):
 
 class TopologyError(ProxyError):
     """No seed or known node answered ``CLUSTER SLOTS`` with a full map."""
+
+
+class CommandError(ProxyError):
+    """One of our commands failed in a way the client must hear: reply ``-`` + ``str(exc)``."""

@@ -10,21 +10,35 @@ and reads the counters of the clients and of the event pipeline.
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 from protocol import replies
 from proxy.config import Config
-from proxy.events.errors import AmqpCommandError
-from proxy.events.service import EventService
+from proxy.errors import CommandError
 from proxy.live import LiveConfig
 from proxy.state import ServerState
 
-__all__ = ["Runtime"]
+__all__ = ["Events", "Runtime"]
+
+
+class Events(Protocol):
+    """What our commands do with the event pipeline (:class:`proxy.events.service.EventService`)."""
+
+    async def connect(self) -> str:
+        """Connect to the broker now, with the configuration in force; the reply's text. Raises
+        :class:`~proxy.errors.CommandError` with the error's text."""
+
+    async def disconnect(self) -> str:
+        """Stop publishing until :meth:`connect`; the reply's text. Raises CommandError."""
+
+    def info(self) -> dict[str, object]:
+        """The pipeline's fields of ``key_evt_amqp.info``, in order."""
 
 
 class Runtime:
     """The live configuration, the event service and the client counters, as commands see them."""
 
-    def __init__(self, live: LiveConfig, events: EventService, server_state: ServerState) -> None:
+    def __init__(self, live: LiveConfig, events: Events, server_state: ServerState) -> None:
         self.live = live
         self.events = events
         self.server_state = server_state
@@ -45,13 +59,13 @@ class Runtime:
             self.update(config)
         try:
             return replies.simple(await self.events.connect())
-        except AmqpCommandError as exc:
+        except CommandError as exc:
             return replies.error(str(exc))
 
     async def disconnect(self) -> bytes:
         try:
             return replies.simple(await self.events.disconnect())
-        except AmqpCommandError as exc:
+        except CommandError as exc:
             return replies.error(str(exc))
 
     def info(self) -> dict[str, object]:
