@@ -196,7 +196,7 @@ class EventService:
         return {
             "amqp_state": p.state.value,
             "amqp_connections": p.connections,
-            "source_state": self.cluster.state_name if self.cluster else self.source.state.value,
+            "source_state": self.source.state_name,
             "pipeline_mode": self.pipeline.mode.value,
             "events_seen": self.seen,
             "events_filtered": self.filtered,
