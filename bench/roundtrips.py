@@ -802,7 +802,7 @@ def section_inproc(st: Stack | None, args) -> dict:
     out = {}
     try:
         for label, setup, request, reply, per in specs:
-            client = ClientConnection(Server())
+            client = ClientConnection(Server(), None)
             client.transport = Transport()
             upstream: list[bytes] = []
             client._up_write = upstream.append

@@ -1,1 +1,1 @@
-"""The I/O shell of key-evt-amqp: listener, relay, admin commands, event pipeline."""
+"""The I/O shell of key-evt-amqp: listener, relays, admin commands, event pipeline (map: docs/architecture.md)."""

@@ -42,7 +42,7 @@ from proxy.settings import ConfigError, apply_module_args
 
 if TYPE_CHECKING:
     from proxy.relay import ClientConnection
-    from proxy.server import Runtime
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("key_evt_amqp.admin")
 
@@ -172,7 +172,7 @@ class Barrier:
             self.client.barrier_done(self._refusal(probe_reply))
             return
         assert self.args is not None
-        reply = execute(self.client.server.runtime, self.args, resp3=self.client.resp3)
+        reply = execute(self.client.runtime, self.args, resp3=self.client.resp3)
         if isinstance(reply, bytes):
             self.client.barrier_done(reply)
         else:

@@ -2,12 +2,13 @@
 
 Built once at start from, in increasing priority: defaults, a TOML file, ``KEY_EVT_AMQP_*``
 environment variables and command-line flags (see :func:`proxy.settings.load`). Admin commands
-never mutate it: they build a new one with :func:`dataclasses.replace` and swap it in.
+never mutate it: they build a new one with :func:`dataclasses.replace` and put it in force through
+:class:`proxy.live.LiveConfig`, the one owner of the configuration while the proxy runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SECONDS = 1.0
 
@@ -22,6 +23,11 @@ class RedisAddress:
     username: str | None = None
     password: str | None = None
     db: int = 0
+
+    def at(self, node: tuple[str, int]) -> RedisAddress:
+        """The same server settings (credentials) at another node of the cluster, in db 0 (a
+        cluster has no other)."""
+        return replace(self, host=node[0], port=node[1], db=0)
 
     def masked_url(self) -> str:
         """The address as a URL with the password replaced by ``***``: safe to log or reply."""

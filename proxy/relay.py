@@ -1,4 +1,4 @@
-"""One client connection and its own upstream Redis connection.
+"""One client connection, relayed to its own upstream Redis connection (:mod:`proxy.upstream`).
 
 Strategy: bytes go through untouched, both ways. Each client chunk is fed to a hiredis reader,
 which splits it into commands in C; the relay adds up their canonical sizes (so it always knows
@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -51,10 +50,13 @@ from protocol.commands import ADMIN_PREFIX, NOTICED, Effect, effect_of, hello_ve
 from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
-from proxy.events.ratelog import RateLimitedLog
+from proxy.connect import open_redis
+from proxy.ratelog import RateLimitedLog
+from proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from proxy.server import Server
+    from proxy.runtime import Runtime
+    from proxy.state import ServerState
 
 log = logging.getLogger("key_evt_amqp.relay")
 _quiet_log = RateLimitedLog(log)
@@ -137,8 +139,9 @@ def _keep(name: bytes) -> int:
 class ClientConnection(asyncio.Protocol):
     """The client side. Owns the upstream connection it opens when the client connects."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, server_state: ServerState, runtime: Runtime) -> None:
+        self.server_state = server_state
+        self.runtime = runtime  # for our own commands (:mod:`proxy.admin`)
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.mode = Mode.FAST
@@ -165,21 +168,19 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.server.buffer_limit)  # type: ignore[union-attr]
-        if not self.server.admit(self):
+        self.transport.set_write_buffer_limits(high=self.server_state.buffer_limit)  # type: ignore[union-attr]
+        if not self.server_state.admit(self):
             self._fail("ERR max number of clients reached")
             return
         self._pause(Pause.CONNECTING)
-        self.server.spawn(self._connect_upstream())
+        self.server_state.spawn(self._connect_upstream())
 
     async def _connect_upstream(self) -> None:
-        address = self.server.upstream_address
-        loop = asyncio.get_running_loop()
+        address = self.server_state.upstream
         try:
-            transport, upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), address.host, address.port),
-                timeout=self.server.connect_timeout,
-            )
+            transport, upstream = await open_redis(
+                address, lambda: UpstreamConnection(self, self.server_state.buffer_limit),
+                timeout=self.server_state.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             # One line per interval, not one per client: clients reconnect in tight loops.
@@ -197,7 +198,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode = Mode.CLOSING
-        self.server.forget(self)
+        self.server_state.forget(self)
         self._cancel_timer()
         if self.barrier is not None:
             self.barrier.cancel()
@@ -302,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._held.append(data)
         self._held_bytes += len(data)
-        if self._held_bytes > self.server.buffer_limit:
+        if self._held_bytes > self.server_state.buffer_limit:
             self._stop_reading()
 
     def _resume(self, reason: Pause) -> None:
@@ -759,83 +760,3 @@ def _effect(command: object) -> Effect | None:
     if command.__class__ is not list or not command or command[0].__class__ is not bytes:  # type: ignore[index]
         return None
     return effect_of(command)  # type: ignore[arg-type]
-
-
-class RedisSide(asyncio.Protocol):
-    """A connection the proxy opened to a Redis node: the pause/resume/close every kind shares."""
-
-    transport: asyncio.Transport | None = None
-
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-class UpstreamConnection(RedisSide):
-    """The Redis side of one client: hands every event to its :class:`ClientConnection`."""
-
-    def __init__(self, client: ClientConnection) -> None:
-        self.client = client
-        self.transport: asyncio.Transport | None = None
-        self._spare = -1  # a duplicate of the socket's descriptor, once keep_spare() was called
-        # Bound straight to the client: one Python call less per reply chunk on the hot path.
-        self.data_received = client.reply_data  # type: ignore[method-assign]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.client.server.buffer_limit)  # type: ignore[union-attr]
-
-    def keep_spare(self) -> None:
-        """Keep a second descriptor of this socket from now on (one more fd for this client).
-
-        When Redis closes a connection it had unread input on (it refused a protocol error),
-        the kernel answers our next write with a reset, and uvloop closes the socket on that
-        write error without reading what Redis had sent before: its error reply. The spare
-        descriptor keeps the socket, and those bytes, readable (Linux keeps data queued before a
-        reset), so :meth:`connection_lost` can still pass them on. Taken where Redis judges
-        protocol errors (the exact parser's path), not for every connection."""
-        if self._spare >= 0 or self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        try:
-            self._spare = os.dup(sock.fileno())
-        except (OSError, AttributeError):
-            self._spare = -1
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self._spare >= 0:
-            if exc is not None:
-                self._drain_spare()
-            os.close(self._spare)
-            self._spare = -1
-        self.client.upstream_lost()  # the client then drops its reference to us (no cycle left)
-
-    def _drain_spare(self) -> None:
-        """What Redis sent before the reset, read through the spare descriptor (bounded by the
-        socket's receive buffer), reaches the client before its close."""
-        while True:
-            try:
-                data = os.read(self._spare, 256 * 1024)
-            except OSError:  # nothing more (EAGAIN), or the reset itself once the data is read
-                return
-            if not data:
-                return
-            self.data_received(data)
-
-    def eof_received(self) -> bool:
-        return False  # Redis ended its side: close ours too (connection_lost follows)
-
-    def pause_writing(self) -> None:
-        self.client.upstream_full(True)
-
-    def resume_writing(self) -> None:
-        self.client.upstream_full(False)

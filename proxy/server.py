@@ -8,106 +8,42 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable
+from functools import partial
 
 import uvloop
 
-from protocol import replies
 from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
-from proxy.events.errors import AmqpCommandError
 from proxy.events.service import EventService
+from proxy.live import LiveConfig
 from proxy.relay import ClientConnection
+from proxy.runtime import Runtime
+from proxy.state import ServerState
 
 log = logging.getLogger("key_evt_amqp")
 
 
-class Runtime:
-    """The live configuration and the event service; admin commands go through here.
-
-    The configuration is never mutated: :meth:`update` swaps in a new one and tells the
-    event service.
-    """
-
-    def __init__(self, config: Config, events: EventService) -> None:
-        self.config = config
-        self.events = events
-        self.started = time.time()
-        self.server: Server | None = None
-
-    def update(self, config: Config) -> None:
-        self.config = config
-        self.events.apply_config(config)
-
-    async def connect(self, config: Config) -> bytes:
-        try:
-            return replies.simple(await self.events.connect(config))
-        except AmqpCommandError as exc:
-            return replies.error(str(exc))
-
-    async def disconnect(self) -> bytes:
-        try:
-            return replies.simple(await self.events.disconnect())
-        except AmqpCommandError as exc:
-            return replies.error(str(exc))
-
-    def info(self) -> dict[str, object]:
-        values: dict[str, object] = {
-            "uptime_in_seconds": int(time.time() - self.started),
-            "connected_clients": len(self.server.clients) if self.server else 0,
-            "total_connections_received": self.server.accepted if self.server else 0,
-            "rejected_connections": self.server.rejected if self.server else 0,
-        }
-        values.update(self.events.info())
-        return values
-
-
 class Server:
-    """Accepts clients; each :class:`ClientConnection` opens its own upstream connection."""
+    """Listens; each client gets a connection of its own (single-node or cluster relay), bound to
+    the shared :class:`~proxy.state.ServerState` and the :class:`~proxy.runtime.Runtime`."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        config = runtime.config
+    def __init__(self, state: ServerState, runtime: Runtime, topology: Topology | None) -> None:
+        self.state = state
         self.runtime = runtime
-        self.upstream_address = config.upstream
-        self.connect_timeout = config.connect_timeout
-        self.buffer_limit = config.client_buffer_limit
-        self.max_clients = config.max_clients
-        self.clients: set[ClientConnection] = set()
-        self.accepted = 0
-        self.rejected = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.topology = topology  # None: a single Redis behind the proxy
         self._listener: asyncio.base_events.Server | None = None
-        self.topology: Topology | None = None  # set at start when the upstream is a cluster
-
-    def admit(self, client: ClientConnection) -> bool:
-        self.accepted += 1
-        if len(self.clients) >= self.max_clients:
-            self.rejected += 1
-            return False
-        self.clients.add(client)
-        return True
-
-    def forget(self, client: ClientConnection) -> None:
-        self.clients.discard(client)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run a task the server keeps a reference to (so it is neither lost nor leaked)."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on ``host``:``port``; raises OSError when that is not possible."""
+        factory: Callable[[], asyncio.Protocol]
+        if self.topology is None:
+            factory = partial(ClientConnection, self.state, self.runtime)
+        else:
+            factory = partial(ClusterClientConnection, self.state, self.runtime, self.topology)
         loop = asyncio.get_running_loop()
-        factory: Any = ClientConnection
-        if await is_cluster(self.runtime.config):
-            self.topology = Topology(self.runtime.config)
-            await self.topology.start()
-            factory = ClusterClientConnection
-        self._listener = await loop.create_server(
-            lambda: factory(self), host, port, reuse_address=True, backlog=1024
-        )
+        self._listener = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
 
     @property
     def addresses(self) -> list[str]:
@@ -124,33 +60,51 @@ class Server:
             self._listener.close()
         if self.topology is not None:
             self.topology.close()
-        for client in list(self.clients):
+        clients = self.state.clients
+        for client in list(clients):
             client.shut_down()
         deadline = time.monotonic() + timeout
-        while self.clients and time.monotonic() < deadline:
+        while clients and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for client in list(self.clients):
+        for client in list(clients):
             if client.transport is not None:
                 client.transport.close()
-        for task in list(self._tasks):
+        for task in list(self.state.tasks):
             task.cancel()
         if self._listener is not None:
             await self._listener.wait_closed()
 
 
+async def _cluster_topology(config: Config) -> Topology | None:
+    """The cluster's slot map, kept current, when the upstream is a cluster; None for one Redis."""
+    if not await is_cluster(config):
+        return None
+    topology = Topology(config.upstream)
+    await topology.start()
+    return topology
+
+
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
-    events = EventService(config)
-    runtime = Runtime(config, events)
-    server = Server(runtime)
-    runtime.server = server
+    """Run the proxy until SIGTERM or SIGINT; returns the process exit code.
+
+    Everything is built in the order it depends on: the live configuration, the cluster map (in
+    cluster mode), the event service, what the connections share, what our commands act on, and
+    the listener.
+    """
+    live = LiveConfig(config)
+    topology = await _cluster_topology(config)
+    events = EventService(live, topology)
+    state = ServerState(config)
+    runtime = Runtime(live, events, state)
+    server = Server(state, runtime, topology)
     try:
         await server.start(config.listen_host, config.listen_port)
     except OSError as exc:
+        if topology is not None:
+            topology.close()
         print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
               f"{exc.strerror}", file=sys.stderr)
         return 1
-    if server.topology is not None:
-        events.use_cluster(server.topology)
     await events.start()
     log.info(
         "key-evt-amqp listening on %s, relaying to %s; events %r with keymasks %s to "

@@ -32,6 +32,7 @@ from protocol.events import CLASS_LETTERS, parse_classes
 from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
 from protocol.keymask import normalize_masks
 from proxy.config import Config, RedisAddress
+from proxy.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
@@ -46,10 +47,6 @@ ENV_PREFIX = "KEY_EVT_AMQP_"
 
 #: Longest piece of a bad value quoted back in an error (a client can send megabytes).
 _SHOWN_MAX = 64
-
-
-class ConfigError(Exception):
-    """A setting is invalid. ``str(error)`` is one line: print it, or send it as a Redis error."""
 
 
 # -- value parsers: text -> value, or ValueError(reason) ------------------------------------------

@@ -1,8 +1,8 @@
 """Run an :class:`EventService` in a background thread, so a test can drive Redis synchronously.
 
 ``with ServiceThread(config) as svc:`` starts the service on its own uvloop; ``svc.info()``,
-``svc.call(coroutine_function, *args)`` (connect, disconnect, ...) and ``svc.apply(config)`` run
-on that loop and return the result; leaving the block runs ``stop()`` like a SIGTERM would.
+``svc.call(coroutine_function, *args)`` (connect, disconnect, ...) and ``svc.apply(config)`` (puts
+``config`` in force, as an admin command does) run on that loop and return the result; leaving the block runs ``stop()`` like a SIGTERM would.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import uvloop
 
 from proxy.config import Config
 from proxy.events import EventService
+from proxy.live import LiveConfig
 
 
 class ServiceThread:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.live = LiveConfig(config)
         self.loop = uvloop.new_event_loop()
         self.service: EventService | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="event-service", daemon=True)
@@ -29,7 +31,7 @@ class ServiceThread:
         self._thread.start()
 
         async def start() -> EventService:
-            service = EventService(self.config)
+            service = EventService(self.live)
             await service.start()
             return service
 
@@ -58,13 +60,13 @@ class ServiceThread:
     def apply(self, config: Config) -> None:
         assert self.service is not None
         self.config = config
-        self.sync(self.service.apply_config, config)
+        self.sync(self.live.update, config)
 
     def connect(self, config: Config | None = None) -> str:
         assert self.service is not None
         if config is not None:
-            self.config = config
-        return self.call(self.service.connect, self.config)
+            self.apply(config)
+        return self.call(self.service.connect)
 
     def disconnect(self) -> str:
         assert self.service is not None

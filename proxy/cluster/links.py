@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from protocol import NEED_DATA
 from protocol.reply_scan import Frame, ReplyError, ReplyScanner
-from proxy.relay import RedisSide
+from proxy.upstream import RedisSide
 
 if TYPE_CHECKING:
     from proxy.cluster.relay import ClusterClientConnection
@@ -152,7 +152,7 @@ class NodeLink(RedisSide):
         if self.transport is None:
             # Connected, _early is drained after each client read; not yet, it must be bounded.
             self._waiting += len(data)
-            if self._waiting > self.client.server.buffer_limit:
+            if self._waiting > self.client.server_state.buffer_limit:
                 self.client.link_full(self, True)
 
     def drain(self) -> None:
@@ -165,8 +165,9 @@ class NodeLink(RedisSide):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.client.server.buffer_limit)  # type: ignore[union-attr]
-        if self._waiting > self.client.server.buffer_limit:
+        limit = self.client.server_state.buffer_limit
+        self.transport.set_write_buffer_limits(high=limit)  # type: ignore[union-attr]
+        if self._waiting > limit:
             self.client.link_full(self, False)  # before the write below, which may pause it again
         self._waiting = 0
         if self._early:

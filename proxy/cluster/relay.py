@@ -26,7 +26,7 @@ Which command goes where is :mod:`.routes`; this module is the per-client state 
 
 Limits: at most ``MAX_ORDER`` commands waiting for their reply (client reading pauses above it,
 resumes at half; while the client's transport is full, finished replies wait there too); a
-pub/sub stream holds at most ``server.buffer_limit`` bytes before the node's reading pauses; every
+pub/sub stream holds at most ``buffer_limit`` bytes before the node's reading pauses; every
 node link pauses the client when its write buffer is full, or, not connected yet, when more than
 ``buffer_limit`` bytes wait for it; commands held after ``MULTI`` until a key names the node: at
 most ``buffer_limit`` bytes (above: refused, the transaction aborted); one unparsed client command:
@@ -49,9 +49,12 @@ from proxy.cluster import routes
 from proxy.cluster.links import NodeLink, Place, Resend, Sent, Tx
 from proxy.cluster.topology import Address, parse_address
 from proxy.config import SECONDS
+from proxy.connect import open_redis
 
 if TYPE_CHECKING:
-    from proxy.server import Server
+    from proxy.cluster.topology import Topology
+    from proxy.runtime import Runtime
+    from proxy.state import ServerState
 
 log = logging.getLogger("key_evt_amqp.cluster")
 
@@ -69,11 +72,13 @@ MAX_RETRY_DELAY = 1 * SECONDS
 
 
 class ClusterClientConnection(asyncio.Protocol):
-    """Same constructor as :class:`proxy.relay.ClientConnection`: ``ClusterClientConnection(server)``."""
+    """One client in front of the cluster that ``topology`` maps; otherwise as
+    :class:`proxy.relay.ClientConnection` (``server_state`` shared, ``runtime`` for our commands)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.topology = server.topology
+    def __init__(self, server_state: ServerState, runtime: Runtime, topology: Topology) -> None:
+        self.server_state = server_state
+        self.runtime = runtime
+        self.topology = topology
         self.transport: asyncio.Transport | None = None
         self.links: dict[Address, NodeLink] = {}
         self.session: dict[bytes, bytes] = {}  # AUTH, HELLO, CLIENT SETNAME...: replayed per link
@@ -102,13 +107,13 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.server.buffer_limit)  # type: ignore[union-attr]
-        if not self.server.admit(self):
+        self.transport.set_write_buffer_limits(high=self.server_state.buffer_limit)  # type: ignore[union-attr]
+        if not self.server_state.admit(self):
             self._close_with("ERR max number of clients reached")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.forget(self)
+        self.server_state.forget(self)
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
@@ -308,7 +313,7 @@ class ClusterClientConnection(asyncio.Protocol):
     def streamed(self, link: NodeLink, raw: bytes) -> None:
         place = link.streaming
         assert place is not None and place.stream is not None
-        if place.stream_in(raw) > self.server.buffer_limit:
+        if place.stream_in(raw) > self.server_state.buffer_limit:
             link.pause_reading()  # resumed by flush() once the stream is written out
 
     # -- node links ----------------------------------------------------------------------------
@@ -328,19 +333,16 @@ class ClusterClientConnection(asyncio.Protocol):
             link = self.links[address] = NodeLink(self, address)
             for command in self.session.values():
                 link.send(Sent(command, None, callback=_ignore))
-            self.server.spawn(self._connect(link))
+            self.server_state.spawn(self._connect(link))
         return link
 
     def link_for_slot(self, slot: int) -> NodeLink:
         return self.link(self.topology.owner(slot) or self.home())
 
     async def _connect(self, link: NodeLink) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: link, link.address[0], link.address[1]),
-                timeout=self.server.connect_timeout,
-            )
+            await open_redis(self.server_state.upstream.at(link.address), lambda: link,
+                             timeout=self.server_state.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             self.link_failed(link, f"cannot connect ({reason})")
@@ -406,7 +408,7 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writes_paused = False
-        limit = self.server.buffer_limit
+        limit = self.server_state.buffer_limit
         for link in self.links.values():
             if link.streaming is None or link.streaming.stream_bytes <= limit:
                 link.resume_reading()
@@ -423,8 +425,8 @@ class ClusterClientConnection(asyncio.Protocol):
         ``buffer_limit`` bytes held: False, the transaction is aborted (EXEC will answer
         -EXECABORT) and only its MULTI is kept."""
         size = len(sent.data)
-        if self.tx_held and self.tx_held_bytes + size > self.server.buffer_limit:
-            log.info("transaction above %d bytes before its first key: aborted", self.server.buffer_limit)
+        if self.tx_held and self.tx_held_bytes + size > self.server_state.buffer_limit:
+            log.info("transaction above %d bytes before its first key: aborted", self.server_state.buffer_limit)
             del self.tx_held[1:]
             self.tx_held_bytes = len(self.tx_held[0].data)
             self.tx_aborted = True

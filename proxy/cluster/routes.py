@@ -123,7 +123,7 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
         else:
             c.reply_local(replies.error(
                 f"ERR key-evt-amqp: transaction too long before its first key (more than "
-                f"{c.server.buffer_limit} bytes held); it is aborted"))
+                f"{c.server_state.buffer_limit} bytes held); it is aborted"))
         return True
     if tx is Tx.PINNED:
         c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
@@ -335,11 +335,11 @@ def _admin(c: Client, args: list[bytes]) -> None:
                     f"NOPERM this user has no permissions to run the '{label}' command "
                     "(it needs the right to run CONFIG SET)")
             return
-        result = admin.execute(c.server.runtime, args, resp3=c.resp3)
+        result = admin.execute(c.runtime, args, resp3=c.resp3)
         if isinstance(result, bytes):
             place.reply = result
         else:
-            c.server.spawn(_finish(c, place, label, result))
+            c.server_state.spawn(_finish(c, place, label, result))
 
     c.link(c.home()).send(Sent(admin.PROBE, None, callback=probed))
 

@@ -24,6 +24,8 @@ import hiredis
 from protocol.errors import NEED_DATA
 from protocol.slots import SLOTS
 from proxy.config import SECONDS, Config, RedisAddress
+from proxy.connect import open_redis_streams
+from proxy.errors import TopologyError
 
 log = logging.getLogger("key_evt_amqp.cluster")
 
@@ -35,10 +37,6 @@ QUERY_TIMEOUT = 2 * SECONDS
 #: Our control connections read at most this much for one reply (a CLUSTER SLOTS of a large
 #: cluster is a few hundred KiB).
 MAX_CONTROL_REPLY = 16 * 1024 * 1024
-
-
-class TopologyError(Exception):
-    """No seed or known node answered ``CLUSTER SLOTS`` with a full map."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +98,8 @@ async def query(address: Address, *commands: tuple[bytes | str, ...], auth: Redi
     if auth is not None and auth.password is not None:
         prefix.append(("AUTH", auth.username, auth.password) if auth.username else ("AUTH", auth.password))
     sent = [*prefix, *commands]
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout)
+    node = auth.at(address) if auth is not None else RedisAddress(address[0], address[1])
+    reader, writer = await open_redis_streams(node, timeout=timeout)
     try:
         try:
             writer.write(b"".join(encode(*command) for command in sent))
@@ -146,11 +145,12 @@ async def is_cluster(config: Config) -> bool:
 
 
 class Topology:
-    """The current :class:`SlotMap` of the cluster behind ``config.upstream``."""
+    """The current :class:`SlotMap` of the cluster behind ``upstream`` (its first seed, and the
+    credentials every node is asked with)."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.seeds: tuple[Address, ...] = ((config.upstream.host, config.upstream.port),)
+    def __init__(self, upstream: RedisAddress) -> None:
+        self.upstream = upstream
+        self.seeds: tuple[Address, ...] = ((upstream.host, upstream.port),)
         self.map: SlotMap | None = None
         #: the last map read whole from a node (``map`` may carry slots patched by ``MOVED``)
         self.full_map: SlotMap | None = None
@@ -209,7 +209,7 @@ class Topology:
         failures = []
         for address in dict.fromkeys((*known, *self.seeds)):
             try:
-                (reply,) = await query(address, ("CLUSTER", "SLOTS"), auth=self.config.upstream)
+                (reply,) = await query(address, ("CLUSTER", "SLOTS"), auth=self.upstream)
             except (OSError, asyncio.TimeoutError, hiredis.HiredisError) as exc:
                 failures.append(f"{address[0]}:{address[1]}: {exc!r}")
                 continue

@@ -1,10 +1,12 @@
 """Errors of the event pipeline (``proxy.events``).
 
-One root, so a caller can catch everything this package raises on purpose::
+One root, so a caller can catch everything this package raises on purpose; it is itself a
+:class:`proxy.errors.ProxyError` (the whole tree is drawn in :mod:`proxy.errors`)::
 
     EventsError
-    ├── AmqpCommandError      an admin command failed; str(exc) is the module's reply text,
-    │                         e.g. "AMQP CONNECT ERROR: 3" (send it as ``-AMQP CONNECT ERROR: 3``)
+    ├── AmqpCommandError      an admin command failed (also a proxy.errors.CommandError); str(exc)
+    │                         is the module's reply text, e.g. "AMQP CONNECT ERROR: 3" (send it as
+    │                         ``-AMQP CONNECT ERROR: 3``)
     ├── LinkError             a Redis connection of the pipeline dropped or never came up;
     │                         the caller retries later (the source and the fallback reconnect)
     ├── BrokerError           connecting to RabbitMQ failed; ``code`` is the module's
@@ -19,14 +21,16 @@ Redis error replies are values (``hiredis.ReplyError`` instances returned, not r
 
 from __future__ import annotations
 
+from proxy.errors import CommandError, ProxyError
+
 __all__ = ["AiormqIncompatible", "AmqpCommandError", "BrokerError", "EventsError", "LinkError"]
 
 
-class EventsError(Exception):
+class EventsError(ProxyError):
     """Root of every error raised on purpose by ``proxy.events``."""
 
 
-class AmqpCommandError(EventsError):
+class AmqpCommandError(EventsError, CommandError):
     """A ``key_evt_amqp.connect``/``disconnect`` failed: reply ``-`` + ``str(exc)``."""
 
 

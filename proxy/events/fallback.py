@@ -62,7 +62,8 @@ class FallbackList:
 
     def __init__(self, address: RedisAddress, key: bytes, connect_timeout: float,
                  locate: Callable[[], RedisAddress] | None = None,
-                 on_moved: Callable[[str], None] | None = None) -> None:
+                 on_moved: Callable[[str], None] | None = None,
+                 on_lost: Callable[[int, int, int], Event | None] | None = None) -> None:
         self.address = address
         self.key = key
         self.connect_timeout = connect_timeout
@@ -71,8 +72,9 @@ class FallbackList:
         self.locate = locate
         self.on_moved = on_moved
         #: the list vanished under us: the marker standing for ``count`` lost events (or None)
-        self.on_lost: Callable[[int, int, int], Event | None] | None = None
-        #: the list changed under us: positions read before are void (called before any repair)
+        self.on_lost = on_lost
+        #: the list changed under us: positions read before are void (called before any repair);
+        #: set by the list's one reader, the :class:`~proxy.events.pipeline.Pipeline`
         self.on_reset: Callable[[], None] | None = None
         self.length = 0  # as of the last operation
         self.cap = 0  # as of the last push (restoring keeps within it)

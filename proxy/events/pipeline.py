@@ -34,12 +34,12 @@ import time
 from collections import deque
 from itertools import islice
 
-from proxy.config import Config
 from proxy.events.errors import LinkError
 from proxy.events.fallback import FallbackList
 from proxy.events.message import Event
 from proxy.events.publisher import AmqpPublisher, BrokerState, InFlight
-from proxy.events.ratelog import RateLimitedLog
+from proxy.live import LiveConfig
+from proxy.ratelog import RateLimitedLog
 
 __all__ = ["Mode", "Pipeline"]
 
@@ -93,8 +93,8 @@ def now_ms() -> int:
 class Pipeline:
     """Accepts events (:meth:`accept`, never blocks) and delivers them; run :meth:`start` first."""
 
-    def __init__(self, config: Config, publisher: AmqpPublisher, fallback: FallbackList) -> None:
-        self.config = config
+    def __init__(self, live: LiveConfig, publisher: AmqpPublisher, fallback: FallbackList) -> None:
+        self.live = live
         self.publisher = publisher
         self.fallback = fallback
         self.mode = Mode.SPILLING  # until the pump has seen the list empty
@@ -134,7 +134,7 @@ class Pipeline:
                 return
             self._start_spilling()
         elif mode is Mode.HOLDING:
-            if len(self.hold) < self.config.publish_window:
+            if len(self.hold) < self.live.current.publish_window:
                 self.hold.append(event)
                 self.publisher.ensure_connected()
                 return
@@ -142,7 +142,7 @@ class Pipeline:
         self._spill(event)
 
     def _spill(self, event: Event) -> None:
-        if self.config.fallback_size < 0:
+        if self.live.current.fallback_size < 0:
             self.stats["dropped_off"] += 1
             self._rlog.warn("off", "event dropped: the broker cannot take it and the fallback is off")
             return
@@ -190,7 +190,7 @@ class Pipeline:
         for event, batch, index in failed:
             if batch is None:
                 self.direct_in_flight -= 1
-                if self.config.fallback_size < 0:
+                if self.live.current.fallback_size < 0:
                     self.stats["dropped_off"] += 1
                     self._rlog.warn("off", "event dropped: the broker refused it and the fallback is off")
                 else:
@@ -263,7 +263,7 @@ class Pipeline:
 
     async def _store(self) -> None:
         """Write what waits in memory: failed direct events at the head, spilled ones at the tail."""
-        cap = self.config.fallback_size
+        cap = self.live.current.fallback_size
         if self.failed_direct and self.direct_in_flight == 0:
             events = self.failed_direct
             if cap < 0:
@@ -288,7 +288,7 @@ class Pipeline:
             return
         self.stats["dropped_cap"] += count
         self._rlog.warn("cap", "fallback list full (%d): dropped the %d oldest event(s)",
-                        self.config.fallback_size, count)
+                        self.live.current.fallback_size, count)
         for batch in self.batches:
             taken = min(count, batch.n - batch.trimmed)
             batch.trimmed += taken
@@ -329,7 +329,7 @@ class Pipeline:
             return
         while len(self.batches) < REPLAY_BATCHES and not self._stopping:
             room = publisher.room()
-            size = max(1, min(REPLAY_BATCH, self.config.publish_window // REPLAY_BATCHES))
+            size = max(1, min(REPLAY_BATCH, self.live.current.publish_window // REPLAY_BATCHES))
             if room < size:
                 return
             offset = sum(b.n - b.trimmed for b in self.batches)

@@ -32,7 +32,8 @@ from proxy.config import Config
 from proxy.events.amqp_wire import CHANNEL, ConfirmLink, LinkListener, open_link
 from proxy.events.errors import BrokerError
 from proxy.events.message import Event, FrameEncoder
-from proxy.events.ratelog import RateLimitedLog
+from proxy.live import LiveConfig
+from proxy.ratelog import RateLimitedLog
 
 __all__ = ["AmqpPublisher", "BrokerState", "InFlight"]
 
@@ -75,8 +76,8 @@ def amqp_url(config: Config) -> URL:
 class AmqpPublisher:
     """Connects (lazily, or on :meth:`connect_now`), publishes, tracks confirms, reconnects."""
 
-    def __init__(self, config: Config, sink: Sink) -> None:
-        self.config = config
+    def __init__(self, live: LiveConfig, sink: Sink) -> None:
+        self.live = live
         self.sink = sink
         self.state = BrokerState.IDLE
         self.last_error = ""
@@ -100,6 +101,7 @@ class AmqpPublisher:
         self._watchdog: asyncio.Task[None] | None = None
         self._lost: asyncio.Future[None] | None = None
         self._rlog = RateLimitedLog(log)
+        live.subscribe(self._config_changed)
 
     # ---- state and capacity ---------------------------------------------------------------
 
@@ -112,16 +114,15 @@ class AmqpPublisher:
         link = self._link
         if self.state is not BrokerState.READY or link is None or link.buffered > WRITE_BUFFER_LIMIT:
             return 0
-        return max(0, self.config.publish_window - len(self._pending))
+        return max(0, self.live.current.publish_window - len(self._pending))
 
-    def reconfigure(self, config: Config) -> None:
+    def _config_changed(self, config: Config) -> None:
         """Exchange, routing key and delivery mode apply to the next publish; the rest at reconnect."""
-        self.config = config
         if self._encoder is not None:
             self._encoder = self._make_encoder()
 
     def _make_encoder(self) -> FrameEncoder:
-        c = self.config
+        c = self.live.current
         return FrameEncoder(CHANNEL, c.exchange, c.routing_key, c.delivery_mode, self._frame_max)
 
     def ensure_connected(self) -> None:
@@ -190,7 +191,7 @@ class AmqpPublisher:
         # basic.return comes before the basic.ack of the same message: remember, fail at the ack.
         self._returned_ids.add(message_id)
         self._record_error(f"message returned by the broker: {code} {text} (no queue bound to "
-                           f"exchange {self.config.exchange!r} with key {self.config.routing_key!r}?)")
+                           f"exchange {self.live.current.exchange!r} with key {self.live.current.routing_key!r}?)")
         self._rlog.warn("returned", "amqp: %s", self.last_error)
 
     # ---- connection life-cycle ----------------------------------------------------------
@@ -207,7 +208,7 @@ class AmqpPublisher:
             if not connected:
                 self.state = BrokerState.CONNECTING
                 try:
-                    await self._open(self.config)
+                    await self._open(self.live.current)
                 except BrokerError as exc:
                     self._note_error(f"cannot connect to RabbitMQ: {exc.reason}")
                     self.state = BrokerState.BACKOFF
@@ -248,8 +249,9 @@ class AmqpPublisher:
 
     async def _watch(self, link: ConfirmLink) -> None:
         """Give up on a broker that stops answering: heartbeat silence or a confirm overdue."""
-        heartbeat = self.config.heartbeat
-        timeout = self.config.publish_timeout
+        config = self.live.current
+        heartbeat = config.heartbeat
+        timeout = config.publish_timeout
         step = min(0.5, heartbeat / 4) if heartbeat > 0 else 0.5
         while link is self._link:
             await asyncio.sleep(step)
@@ -288,20 +290,19 @@ class AmqpPublisher:
             self._lost.set_result(None)
         self.sink.on_settled([], failed)
 
-    async def connect_now(self, config: Config) -> None:
-        """``key_evt_amqp.connect``: connect now with ``config``. Raises BrokerError.
+    async def connect_now(self) -> None:
+        """``key_evt_amqp.connect``: connect now with the configuration in force. Raises BrokerError.
 
         The caller checks "already connected" first. On failure the previous mode is kept: an
         enabled publisher keeps retrying in the background, a disabled one stays disabled.
         """
-        self.config = config
         previous = self.state
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.state = BrokerState.CONNECTING
         try:
-            await self._open(config)
+            await self._open(self.live.current)
         except BrokerError as exc:
             self._note_error(f"connect failed: {exc.reason}")
             self.state = previous if previous in (BrokerState.DISABLED, BrokerState.IDLE) else BrokerState.BACKOFF

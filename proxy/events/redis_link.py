@@ -20,8 +20,9 @@ from typing import Any
 import hiredis
 
 from proxy.config import RedisAddress
+from proxy.connect import open_redis
 from proxy.events.errors import LinkError
-from proxy.events.ratelog import RateLimitedLog
+from proxy.ratelog import RateLimitedLog
 
 __all__ = ["RedisLink", "encode_command", "open_link"]
 
@@ -146,11 +147,8 @@ async def open_link(address: RedisAddress, timeout: float, *, select_db: bool = 
                     on_push: Callable[[Any], None] | None = None,
                     on_lost: Callable[[BaseException | None], None] | None = None) -> RedisLink:
     """Connect, AUTH and SELECT as ``address`` says. Raises LinkError (reason without password)."""
-    loop = asyncio.get_running_loop()
     try:
-        _, link = await asyncio.wait_for(
-            loop.create_connection(lambda: RedisLink(on_push, on_lost), address.host, address.port),
-            timeout)
+        _, link = await open_redis(address, lambda: RedisLink(on_push, on_lost), timeout=timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         raise LinkError(f"cannot connect to {address.masked_url()}: {exc!r}") from None
     setup: list[tuple[bytes | str | int, ...]] = []

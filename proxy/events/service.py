@@ -7,22 +7,26 @@ Wires the parts together::
                                         own keys            v   | replay
                                                         FallbackList (Redis list)
 
-and owns what the commands change: the filters, the broker settings, connect/disconnect, and the
-``notify-keyspace-events`` letters Redis must have. ``docs/events.md`` describes the message
-format, the gap marker, the list format and the guarantees.
+and keeps what follows the configuration in force (:class:`~proxy.live.LiveConfig`, to which it
+subscribes): the filters and the ``notify-keyspace-events`` letters Redis must have; it also runs
+connect/disconnect. In cluster mode the source is :class:`~.cluster_source.ClusterSources`.
+``docs/events.md`` describes the message format, the gap marker, the list format and the
+guarantees.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from protocol.events import event_class, parse_classes
 from protocol.keymask import KeyFilter
+from protocol.slots import key_slot
+from proxy.cluster.topology import Topology
 from proxy.config import Config, RedisAddress
+from proxy.events.cluster_source import ClusterSources
 from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
 from proxy.events.fallback import FallbackList
 from proxy.events.flags import ensure_notify_flags
@@ -31,10 +35,7 @@ from proxy.events.pipeline import Pipeline
 from proxy.events.publisher import AmqpPublisher, BrokerState
 from proxy.events.redis_link import RedisLink
 from proxy.events.source import KeyspaceSource
-
-if TYPE_CHECKING:
-    from proxy.cluster.topology import Topology
-    from proxy.events.cluster_source import ClusterSources
+from proxy.live import LiveConfig
 
 __all__ = ["EventService"]
 
@@ -69,18 +70,32 @@ def cluster_fallback_key(key: bytes) -> bytes:
 
 
 class EventService:
-    """Start once, stop once; the admin layer calls the rest from any command."""
+    """Start once, stop once; the admin layer calls the rest from any command.
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    In cluster mode (``topology`` given) there is a source per master and the fallback list lives
+    on one slot: its key gets a hash tag (``{key_evt_amqp}:fallback`` unless the configured key
+    has one) and it is written on whichever master owns that slot now (``docs/cluster.md``).
+    """
+
+    def __init__(self, live: LiveConfig, topology: Topology | None = None) -> None:
+        config = live.current
+        self.live = live
+        #: fixed at start, as the fallback list's key (a new one applies at the next start)
+        self.upstream = config.upstream
+        self.fallback_key = config.fallback_key
         self._ids = IdSource()
-        self.publisher = AmqpPublisher(config, self)  # the service relays on_ready/on_settled
-        self.fallback = FallbackList(config.upstream, fallback_key_for(config.fallback_key),
-                                     config.connect_timeout)
-        self.fallback.on_lost = self._fallback_lost
-        self.pipeline = Pipeline(config, self.publisher, self.fallback)
-        self.source = KeyspaceSource(config.upstream, config.connect_timeout, self._on_keyspace,
-                                     self._on_gap, self._on_subscribed, self._prepare_source)
+        self.publisher = AmqpPublisher(live, self)  # the service relays on_ready/on_settled
+        self.fallback = self._fallback_list(topology)
+        self.pipeline = Pipeline(live, self.publisher, self.fallback)
+        self.cluster: ClusterSources | None = None
+        self.source: KeyspaceSource | ClusterSources
+        if topology is None:
+            self.source = KeyspaceSource(self.upstream, config.connect_timeout, self._on_keyspace,
+                                         self._on_gap, self._on_subscribed, self._prepare_source)
+        else:
+            self.source = self.cluster = ClusterSources(
+                topology, self.upstream, live, on_event=self.on_node_keyspace, on_gap=self.publish_gap,
+                on_flags=self.cluster_flags_checked)
         self.seen = 0
         self.filtered = 0
         self.own_keys = 0
@@ -89,27 +104,20 @@ class EventService:
         self.notify_keyspace_events = ""
         self.notify_config_error = ""
         self._flags_task: asyncio.Task[None] | None = None
-        self.cluster: ClusterSources | None = None
         self._set_filters(config)
+        live.subscribe(self._config_changed)
 
-    def use_cluster(self, topology: Topology) -> None:
-        """Cluster mode (before :meth:`start`): a source per master, the fallback list on one slot.
-
-        The list's key gets a hash tag (``{key_evt_amqp}:fallback`` unless the configured key has
-        one) and lives on whichever master owns that slot now (``docs/cluster.md``).
-        """
-        from protocol.slots import key_slot
-        from proxy.events.cluster_source import ClusterSources
-
-        key = cluster_fallback_key(self.config.fallback_key)
+    def _fallback_list(self, topology: Topology | None) -> FallbackList:
+        timeout = self.live.current.connect_timeout
+        if topology is None:
+            return FallbackList(self.upstream, fallback_key_for(self.fallback_key), timeout,
+                                on_lost=self._fallback_lost)
+        key = cluster_fallback_key(self.fallback_key)
         slot = key_slot(key)
-        upstream = self.config.upstream
+        seed = (self.upstream.host, self.upstream.port)
 
         def locate() -> RedisAddress:
-            owner = topology.owner(slot)
-            if owner is None:
-                return dataclasses.replace(upstream, db=0)
-            return RedisAddress(owner[0], owner[1], upstream.username, upstream.password, 0)
+            return self.upstream.at(topology.owner(slot) or seed)
 
         def on_moved(error: str) -> None:
             parts = error.split()
@@ -119,12 +127,8 @@ class EventService:
             else:
                 topology.refresh_soon()
 
-        self.fallback.key = key
-        self.fallback.locate = locate
-        self.fallback.on_moved = on_moved
-        self.fallback.address = locate()
-        self.cluster = ClusterSources(self, topology)
-        self.source = self.cluster  # type: ignore[assignment]
+        return FallbackList(locate(), key, timeout, locate=locate, on_moved=on_moved,
+                            on_lost=self._fallback_lost)
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -133,27 +137,24 @@ class EventService:
         self._class_ok: dict[bytes, bool] = {}
         self._keys = KeyFilter(config.keymasks)
 
-    def apply_config(self, config: Config) -> None:
-        """Use ``config`` from now on: filters, exchange, routing key and delivery mode for the
-        next event; broker address, credentials and heartbeat at the next (re)connect."""
-        old = self.config
-        if (old.fallback_key, old.upstream) != (config.fallback_key, config.upstream):
+    def _config_changed(self, config: Config) -> None:
+        """A new configuration is in force: filters from the next event on; the publisher and
+        the pipeline read theirs from :attr:`live` (broker address, credentials and heartbeat at
+        the next (re)connect)."""
+        if (self.fallback_key, self.upstream) != (config.fallback_key, config.upstream):
             log.warning("a new fallback key or upstream applies at the next start of the proxy")
-            config = dataclasses.replace(config, fallback_key=old.fallback_key, upstream=old.upstream)
-        self.config = config
+        classes = self._classes
         self._set_filters(config)
-        self.publisher.reconfigure(config)
-        self.pipeline.config = config
-        if parse_classes(old.events) != self._classes:
+        if classes != self._classes:
             self._schedule_flags_check()
 
     # ---- life-cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Subscribe to Redis and start the fallback pump; the broker connects on the first event."""
-        if RESERVED not in self.config.fallback_key:
+        if RESERVED not in self.fallback_key:
             log.warning("the fallback key %r is outside the reserved namespace (names containing %r): "
-                        "the list is %r", self.config.fallback_key, RESERVED, self.fallback.key)
+                        "the list is %r", self.fallback_key, RESERVED, self.fallback.key)
         await self.pipeline.start()
         await self.source.start()
 
@@ -161,7 +162,7 @@ class EventService:
         """Stop reading Redis, wait (bounded) for confirms, store everything else in the list."""
         await self.source.stop()
         self.pipeline.hold_for_shutdown()
-        await self.publisher.settle(min(STOP_CONFIRM_GRACE, self.config.shutdown_timeout))
+        await self.publisher.settle(min(STOP_CONFIRM_GRACE, self.live.current.shutdown_timeout))
         await self.publisher.disconnect(final=True)
         await self.pipeline.stop(STOP_STORE_TIMEOUT)
         if self._flags_task is not None:
@@ -170,13 +171,12 @@ class EventService:
 
     # ---- commands -----------------------------------------------------------------------------
 
-    async def connect(self, config: Config) -> str:
-        """``key_evt_amqp.connect``: apply ``config`` (already built by the caller), then connect."""
-        self.apply_config(config)
+    async def connect(self) -> str:
+        """``key_evt_amqp.connect``: connect now, with the configuration in force."""
         if self.publisher.state is BrokerState.READY:
             raise AmqpCommandError("AMQP CONNECT ERROR: 6")
         try:
-            await self.publisher.connect_now(config)
+            await self.publisher.connect_now()
         except BrokerError as exc:
             raise AmqpCommandError(f"AMQP CONNECT ERROR: {exc.code}") from None
         return "AMQP CONNECT OK"
@@ -196,7 +196,7 @@ class EventService:
         return {
             "amqp_state": p.state.value,
             "amqp_connections": p.connections,
-            "source_state": self.cluster.state_name if self.cluster else self.source.state.value,
+            "source_state": self.source.state_name,
             "pipeline_mode": self.pipeline.mode.value,
             "events_seen": self.seen,
             "events_filtered": self.filtered,
@@ -256,10 +256,6 @@ class EventService:
         self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key,
                                             headers, extra))
 
-    @property
-    def classes(self) -> frozenset[str]:
-        return self._classes  # type: ignore[return-value]
-
     def publish_gap(self, start_ms: int, end_ms: int, source: bytes,
                     headers: tuple[tuple[bytes, bytes], ...]) -> None:
         """Cluster mode: a gap marker for one shard (``headers`` name the shard and its nodes)."""
@@ -289,7 +285,7 @@ class EventService:
         self.gap_ms += end_ms - start_ms
         log.warning("keyspace events between %d and %d (%d ms) are lost: the subscription to Redis "
                     "was down; a gap marker follows in the stream", start_ms, end_ms, end_ms - start_ms)
-        source = f"{self.config.upstream.host}:{self.config.upstream.port}".encode()
+        source = f"{self.upstream.host}:{self.upstream.port}".encode()
         self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
 
     def _on_subscribed(self) -> None:
@@ -299,7 +295,7 @@ class EventService:
         """Before each subscription, on the subscriber's connection (so on the very server it will
         read): make Redis publish what we select. Redis forgets it on restart; doing it before
         subscribing makes the subscription's confirmation the end of the gap (``source.py``)."""
-        timeout = self.config.connect_timeout
+        timeout = self.live.current.connect_timeout
         self._flags_checked(*await ensure_notify_flags(lambda c: link.request(c, timeout), self._classes))
 
     # ---- publisher callbacks (relayed to the pipeline) -----------------------------------

@@ -99,6 +99,11 @@ class KeyspaceSource:
         self._last_pong = 0.0  # time.monotonic() of the last PONG (or of the subscription)
         self._lost: asyncio.Future[None] | None = None
 
+    @property
+    def state_name(self) -> str:
+        """The state as ``key_evt_amqp.info`` shows it (``source_state``)."""
+        return self.state.value
+
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="keyspace-source")
 

@@ -118,7 +118,7 @@ class Proxy:
 
     def __init__(self) -> None:
         self.server = FakeServer()
-        self.relay = ClusterClientConnection(self.server)  # type: ignore[arg-type]
+        self.relay = ClusterClientConnection(self.server, self.server.runtime, self.server.topology)  # type: ignore[arg-type]
         self.client = FakeTransport()
         self.relay.connection_made(self.client)  # type: ignore[arg-type]
         self.nodes: dict[Address, FakeTransport] = {}

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 import uvloop
 
+from proxy import connect
 from proxy.cluster.topology import Topology, query
-from proxy.config import Config
+from proxy.config import RedisAddress
 
 
 def test_a_node_that_closes_before_the_query_is_written_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -17,14 +18,14 @@ def test_a_node_that_closes_before_the_query_is_written_is_unreachable(monkeypat
     async def scenario() -> None:
         server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        real = asyncio.open_connection
+        real = connect.open_redis
 
-        async def closed_at_once(*args: object, **kw: object) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            reader, writer = await real(*args, **kw)  # type: ignore[arg-type]
-            writer.transport.close()  # the node died right after accepting
-            return reader, writer
+        async def closed_at_once(*args: object, **kw: object) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+            transport, protocol = await real(*args, **kw)  # type: ignore[arg-type]
+            transport.close()  # the node died right after accepting
+            return transport, protocol
 
-        monkeypatch.setattr(asyncio, "open_connection", closed_at_once)
+        monkeypatch.setattr(connect, "open_redis", closed_at_once)
         try:
             with pytest.raises(ConnectionError):
                 await query(("127.0.0.1", port), ("CLUSTER", "SLOTS"))
@@ -43,7 +44,7 @@ def test_the_refresher_outlives_an_unexpected_error() -> None:
     """A refresh that fails in a way nobody foresaw costs that refresh, not every later one
     (the map would stay stale forever: a failover never seen)."""
     async def scenario() -> None:
-        topology = Topology(Config())
+        topology = Topology(RedisAddress())
         calls: list[int] = []
 
         async def refresh() -> None:

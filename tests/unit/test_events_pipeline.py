@@ -14,6 +14,7 @@ from proxy.config import Config
 from proxy.events.message import Event, dump_entry, load_entry
 from proxy.events.pipeline import Mode, Pipeline
 from proxy.events.publisher import BrokerState
+from proxy.live import LiveConfig
 
 
 class FakePublisher:
@@ -94,7 +95,7 @@ def keys(*numbers: int) -> list[bytes]:
 def make(window: int = 10, fallback_size: int = 0, stored: Sequence[int] = ()) -> tuple[Pipeline, FakePublisher, FakeList]:
     publisher, store = FakePublisher(window), FakeList()
     store.items = [dump_entry(event(n)) for n in stored]
-    pipeline = Pipeline(Config(publish_window=window, fallback_size=fallback_size), publisher, store)  # type: ignore[arg-type]
+    pipeline = Pipeline(LiveConfig(Config(publish_window=window, fallback_size=fallback_size)), publisher, store)  # type: ignore[arg-type]
     publisher.sink = pipeline
     return pipeline, publisher, store
 

@@ -9,6 +9,7 @@ from typing import Any
 from proxy.config import Config
 from proxy.events.publisher import AmqpPublisher
 from proxy.events.service import _last_error
+from proxy.live import LiveConfig
 
 
 class Sink:
@@ -23,7 +24,7 @@ class Sink:
 
 
 def test_a_publisher_error_holds_until_a_message_is_confirmed() -> None:
-    publisher = AmqpPublisher(Config(), Sink())  # type: ignore[arg-type]
+    publisher = AmqpPublisher(LiveConfig(Config()), Sink())  # type: ignore[arg-type]
     assert (publisher.last_error, publisher.last_error_ms, publisher.last_error_current) == ("", 0, False)
     before = int(time.time() * 1000)
     publisher._pending.extend([(object(), None, 0, 0.0), (object(), None, 1, 0.0)])

@@ -42,7 +42,8 @@ async def relay(reads: list[bytes], *, hold_first: bool) -> tuple[bytes, int]:
     """Feed the reads (all held first, as while connecting, or one by one); what Redis got, and
     the most bytes parsed in one iteration."""
     out: list[bytes] = []
-    client = ClientConnection(Server())  # type: ignore[arg-type]
+    server = Server()
+    client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
     transport = Transport()
     client.connection_made(transport)  # type: ignore[arg-type]
     client.upstream = SimpleNamespace(keep_spare=lambda: None)  # type: ignore[assignment]

@@ -51,7 +51,7 @@ class FakeServer:
 
 def test_input_while_connecting_stops_at_the_buffer_limit() -> None:
     server = FakeServer()
-    client = ClientConnection(server)  # type: ignore[arg-type]
+    client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
     transport = UvloopLikeTransport()
     client.connection_made(transport)  # type: ignore[arg-type]
     transport.start()

@@ -67,7 +67,7 @@ def run(chunks: list[bytes]) -> tuple[bytes, bytes, FakeRuntime]:
     """Feed the chunks; play Redis: answer each probe and marker. Returns (what Redis got from
     the client, what the client got from us, the runtime)."""
     server = FakeServer()
-    client = ClientConnection(server)  # type: ignore[arg-type]
+    client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
     to_client, to_redis = FakeTransport(), FakeTransport()
     client.connection_made(to_client)  # type: ignore[arg-type]
     client.upstream = SimpleNamespace(keep_spare=lambda: None)  # type: ignore[assignment]
@@ -141,7 +141,7 @@ def test_a_command_named_like_ours_inside_a_value_is_relayed() -> None:
 def test_pipe_mode_after_subscribe_relays_our_commands() -> None:
     stream = encode([b"SUBSCRIBE", b"c"]) + encode([b"key_evt_amqp.info"])
     server = FakeServer()
-    client = ClientConnection(server)  # type: ignore[arg-type]
+    client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
     to_client, to_redis = FakeTransport(), FakeTransport()
     client.connection_made(to_client)  # type: ignore[arg-type]
     client._up_write = to_redis.write
