@@ -23,7 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from protocol import merge, replies
+from protocol import barrier, merge, replies
+from protocol.barrier import Probe
 from protocol.commands import ADMIN_PREFIX, READ_ONLY, admin_verb, encode_command
 from protocol.reply_scan import Frame
 from protocol.slots import UNKNOWN, key_slot, keys_of
@@ -322,14 +323,11 @@ def _admin(c: Client, args: list[bytes]) -> None:
 
     def probed(frame: Frame) -> None:
         raw = frame.raw
-        if not raw.startswith(b"-ERR Unknown option"):
-            # Anything but "unknown option" means CONFIG SET was not even tried: refuse.
-            if raw.startswith((b"-NOAUTH", b"-ERR key-evt-amqp")):
-                place.reply = raw
-            else:
-                place.reply = replies.error(
-                    f"NOPERM this user has no permissions to run the '{label}' command "
-                    "(it needs the right to run CONFIG SET)")
+        verdict = barrier.judge_probe(raw)
+        if verdict is not Probe.ALLOWED:
+            # NOAUTH, or the lost link's error: as it is; anything else: CONFIG SET was not tried.
+            passed = verdict is Probe.NOAUTH or verdict is Probe.PROXY_ERROR
+            place.reply = raw if passed else barrier.refusal(label)
             return
         result = admin.execute(c.server.runtime, args, resp3=c.resp3)
         if isinstance(result, bytes):
@@ -337,7 +335,7 @@ def _admin(c: Client, args: list[bytes]) -> None:
         else:
             c.server.spawn(_finish(c, place, label, result))
 
-    c.link(c.home()).send(Sent(admin.PROBE, None, callback=probed))
+    c.link(c.home()).send(Sent(barrier.PROBE, None, callback=probed))
 
 
 async def _finish(c: Client, place: Place, label: str, pending: Awaitable[bytes]) -> None:
