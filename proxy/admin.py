@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from protocol import barrier, replies
 from protocol.barrier import Probe
@@ -146,19 +146,14 @@ class Barrier:
             self.client.barrier_done(self._refusal(verdict, probe_reply))
             return
         assert self.args is not None
-        reply = execute(self.client.server.runtime, self.args, resp3=self.client.resp3)
+        reply = run(self.client.server.runtime, self.args, resp3=self.client.resp3)
         if isinstance(reply, bytes):
             self.client.barrier_done(reply)
         else:
-            self._task = asyncio.ensure_future(self._finish(reply))
+            self._task = asyncio.ensure_future(self._deliver(reply))
 
-    async def _finish(self, pending: Awaitable[bytes]) -> None:
-        try:
-            reply = await pending
-        except Exception:  # a bug must cost one reply, not the proxy
-            log.exception("%s failed", self.name)
-            reply = replies.error(f"ERR {self.name} failed: internal error (see the proxy's log)")
-        self.client.barrier_done(reply)
+    async def _deliver(self, pending: Awaitable[bytes]) -> None:
+        self.client.barrier_done(await pending)
 
     def _refusal(self, verdict: Probe, probe_reply: bytes) -> bytes:
         if verdict is Probe.NOAUTH:
@@ -194,10 +189,23 @@ def _c_string(arg: bytes) -> bytes:
     return arg.split(b"\0", 1)[0]
 
 
-def execute(runtime: Runtime, args: list[bytes], *, resp3: bool) -> Reply:
-    """Run one of our commands; returns the encoded reply, or an awaitable of it."""
+def run(runtime: Runtime, args: list[bytes], *, resp3: bool) -> bytes | Coroutine[Any, Any, bytes]:
+    """Run one of our commands (``args[0]`` a name in :data:`HANDLERS`), for either relay.
+
+    Returns the encoded reply, or a coroutine that gives it: the caller schedules it, keeps the
+    task if it may have to cancel it, and sends the reply in the command's place when it ends.
+    """
     name = args[0].decode("utf-8", "replace").lower()
-    return HANDLERS[admin_verb(args[0])](runtime, name, args[1:], resp3)
+    reply = HANDLERS[admin_verb(args[0])](runtime, name, args[1:], resp3)
+    return reply if isinstance(reply, bytes) else _settled(name, reply)
+
+
+async def _settled(name: str, pending: Awaitable[bytes]) -> bytes:
+    try:
+        return await pending
+    except Exception:  # a bug must cost one reply, not the proxy
+        log.exception("%s failed", name)
+        return replies.error(f"ERR {name} failed: internal error (see the proxy's log)")
 
 
 def _arity(name: str) -> bytes:

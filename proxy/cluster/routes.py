@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -33,8 +32,6 @@ from proxy.cluster.links import Place, Resend, Sent, Tx
 
 if TYPE_CHECKING:
     from proxy.cluster.relay import ClusterClientConnection as Client
-
-log = logging.getLogger("key_evt_amqp.cluster")
 
 _PREFIX_LEN = len(ADMIN_PREFIX)
 
@@ -329,21 +326,17 @@ def _admin(c: Client, args: list[bytes]) -> None:
             passed = verdict is Probe.NOAUTH or verdict is Probe.PROXY_ERROR
             place.reply = raw if passed else barrier.refusal(label)
             return
-        result = admin.execute(c.server.runtime, args, resp3=c.resp3)
+        result = admin.run(c.server.runtime, args, resp3=c.resp3)
         if isinstance(result, bytes):
             place.reply = result
         else:
-            c.server.spawn(_finish(c, place, label, result))
+            c.server.spawn(_deliver(c, place, result))
 
     c.link(c.home()).send(Sent(barrier.PROBE, None, callback=probed))
 
 
-async def _finish(c: Client, place: Place, label: str, pending: Awaitable[bytes]) -> None:
-    try:
-        place.reply = await pending
-    except Exception:  # a bug must cost one reply, not the proxy
-        log.exception("%s failed", label)
-        place.reply = replies.error(f"ERR {label} failed: internal error (see the proxy's log)")
+async def _deliver(c: Client, place: Place, pending: Awaitable[bytes]) -> None:
+    place.reply = await pending
     c.flush()
 
 
