@@ -110,6 +110,15 @@ class KeptTooLong(ProtocolError):
     """The arguments a streaming parser was asked to keep passed ``max_kept`` bytes."""
 
 
+class UnbalancedQuotes(ProtocolError):
+    """``sdssplitargs`` refused a line: a quote never closes, or (``closed``) a closing quote is
+    followed by something other than a blank. Redis's reply is the same for both."""
+
+    def __init__(self, *, closed: bool) -> None:
+        super().__init__(_UNBALANCED)
+        self.closed = closed
+
+
 class _State(enum.Enum):
     REQUEST = enum.auto()  # at a request boundary: "*" opens a multibulk, any other byte an inline line
     BULK_HEADER = enum.auto()  # inside a multibulk, expecting "$<length>\r?"
@@ -409,7 +418,7 @@ class RequestParser:
         if end < 0:
             return NEED_DATA
         stop = end - 1 if end > self._pos and self._buf[end - 1] == 0x0D else end
-        args = _split_inline(bytes(self._buf[self._pos : stop]))
+        args = split_args(bytes(self._buf[self._pos : stop]))
         self._advance(end + 1)
         if not args:
             return None
@@ -463,8 +472,13 @@ class _Quote(enum.Enum):
     SINGLE = enum.auto()
 
 
-def _split_inline(line: bytes) -> list[bytes]:
-    """``sdssplitargs`` on one inline line (which never holds a NUL: see ``_line_end``)."""
+def split_args(line: bytes) -> list[bytes]:
+    """Redis's ``sdssplitargs``: the arguments of an inline request or a ``redis.conf`` line (the
+    rules are in the module docstring). Raises :class:`UnbalancedQuotes` where Redis refuses it.
+
+    A NUL is taken as an ordinary byte: Redis would stop at it (a C string), so the caller must
+    not pass one where that matters (the parser never does: see ``_line_end``).
+    """
     if _QUOTED.search(line) is None:
         # Without quotes (and \v \f, which only separate between arguments) the split is exactly
         # bytes.split(): blanks are C isspace() in the "C" locale.
@@ -495,10 +509,10 @@ def _split_one(line: bytes, i: int) -> tuple[bytes, int]:
             else:
                 arg.append(c)
         elif c is None:
-            raise ProtocolError(_UNBALANCED)
+            raise UnbalancedQuotes(closed=False)
         elif (c == _DQUOTE and quote is _Quote.DOUBLE) or (c == _SQUOTE and quote is _Quote.SINGLE):
             if i + 1 < n and line[i + 1] not in _BLANKS:
-                raise ProtocolError(_UNBALANCED)
+                raise UnbalancedQuotes(closed=True)
             return bytes(arg), i + 1
         elif c == _BACKSLASH and i + 1 < n:
             i = _unescape(line, i, quote, arg)
@@ -523,4 +537,4 @@ def _unescape(line: bytes, i: int, quote: _Quote, arg: bytearray) -> int:
     return i + 1
 
 
-__all__ = ["KEEP_ALL", "KeptTooLong", "Request", "RequestParser"]
+__all__ = ["KEEP_ALL", "KeptTooLong", "Request", "RequestParser", "UnbalancedQuotes", "split_args"]
