@@ -64,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.errors import NEED_DATA, NeedData, ProtocolError
+from protocol.integers import string2ll
 
 #: ``keep`` returns this to keep every argument of a request (bounded by ``max_kept``).
 KEEP_ALL = 1 << 62
@@ -76,9 +77,6 @@ _BAD_LENGTH = "ERR Protocol error: invalid bulk length"
 _UNBALANCED = "ERR Protocol error: unbalanced quotes in request"
 
 _INT_MAX = 2**31 - 1
-_LLONG_MIN, _LLONG_MAX = -(2**63), 2**63 - 1
-# Redis's string2ll refuses 21 bytes or more before looking at them (LONG_STR_SIZE).
-_LONG_STR_SIZE = 21
 # Above this, copy a bulk out through a memoryview (one copy) rather than a slice (two).
 _BIG_ARG = 32 * 1024
 
@@ -306,7 +304,7 @@ class RequestParser:
         end = self._header_end(_TOO_BIG_COUNT)
         if end < 0:
             return NEED_DATA
-        count = _string2ll(self._buf, self._pos + 1, end)
+        count = string2ll(self._buf[self._pos + 1 : end])
         if count is None or count > self._max_multibulk:
             raise ProtocolError(_BAD_COUNT)
         self._advance(end + 2)
@@ -329,7 +327,7 @@ class RequestParser:
         first = self._buf[self._pos]
         if first != 0x24:  # "$"
             raise ProtocolError(f"ERR Protocol error: expected '$', got '{_as_reply_char(first)}'")
-        length = _string2ll(self._buf, self._pos + 1, end)
+        length = string2ll(self._buf[self._pos + 1 : end])
         if length is None or length < 0 or length > self._max_bulk:
             raise ProtocolError(_BAD_LENGTH)
         self._advance(end + 2)
@@ -434,19 +432,6 @@ class RequestParser:
         self._advance(end + 1)
         self._state = _State.REQUEST
         return Request((), self._start, self.offset, True, 0)
-
-
-def _string2ll(buf: bytearray, start: int, stop: int) -> int | None:
-    """Redis's ``string2ll``: ``0`` or ``-?[1-9][0-9]*`` within a signed 64-bit integer, else None."""
-    if not 0 < stop - start < _LONG_STR_SIZE:
-        return None
-    raw = buf[start:stop]
-    digits = raw[1:] if raw[0] == 0x2D else raw  # "-"
-    # isdigit() first: int() alone would also take "+1", " 1", "1_0" and "01".
-    if not digits.isdigit() or (digits[0] == 0x30 and len(raw) > 1):
-        return None
-    value = int(raw)
-    return value if _LLONG_MIN <= value <= _LLONG_MAX else None
 
 
 def _as_reply_char(byte: int) -> str:
