@@ -68,7 +68,9 @@ def encode_command(*args: bytes | str | int) -> bytes:
     """One command in Redis's multibulk form: ``encode_command("GET", b"k")`` is
     ``*2\r\n$3\r\nGET\r\n$1\r\nk\r\n``. A ``str`` is sent as UTF-8, an ``int`` in decimal."""
     # hiredis packs in C; a bool or a bytearray is refused with TypeError (say what you mean).
-    return pack_command(args)
+    # Its stub (3.x) declares a 1-tuple (`Tuple[X]` for `Tuple[X, ...]`) and no return type.
+    packed: bytes = pack_command(args)  # type: ignore[arg-type]
+    return packed
 
 
 def effect_of(args: list[bytes]) -> Effect | None:
