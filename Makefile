@@ -1,5 +1,6 @@
 # key-evt-amqp: `make run` starts the proxy (and a local Redis/RabbitMQ when none answers),
-# `make test` runs the whole test suite. Both set up the virtual environment first.
+# `make test` type-checks protocol/ (mypy, strict) and runs the whole test suite. Both set up the
+# virtual environment first.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -37,6 +38,7 @@ run: deps services
 		--amqp amqp://$(AMQP_HOST):$(AMQP_PORT)/ $(ARGS)
 
 test: deps
+	$(PY) -m mypy protocol
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 fuzz: deps
@@ -44,6 +46,6 @@ fuzz: deps
 		--lanes $(FUZZ_LANES) $(FUZZ_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info .run
+	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info .run
 
 -include Makefile.bench

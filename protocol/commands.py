@@ -7,11 +7,15 @@ Almost every command is relayed as bytes without a look. The relay only needs to
   ``CLIENT REPLY``, ``CLIENT TRACKING``): the connection then becomes a plain byte pipe;
 - ``MULTI``/``EXEC``/``DISCARD``/``RESET`` (our commands are refused inside a transaction) and
   ``HELLO`` (the protocol version our own replies must use).
+
+:func:`encode_command` is how the proxy writes any command of its own (or re-encodes a client's).
 """
 
 from __future__ import annotations
 
 import enum
+
+from hiredis import pack_command
 
 from protocol.integers import string2ll
 
@@ -58,6 +62,15 @@ NOTICED: dict[bytes, Effect] = {
 NOTICED.update({ADMIN_PREFIX + verb.encode(): Effect.ADMIN for verb in ADMIN_VERBS})
 
 _UNCOUNTABLE_CLIENT_SUBCOMMANDS = frozenset({b"reply", b"tracking"})
+
+
+def encode_command(*args: bytes | str | int) -> bytes:
+    """One command in Redis's multibulk form: ``encode_command("GET", b"k")`` is
+    ``*2\r\n$3\r\nGET\r\n$1\r\nk\r\n``. A ``str`` is sent as UTF-8, an ``int`` in decimal."""
+    # hiredis packs in C; a bool or a bytearray is refused with TypeError (say what you mean).
+    # Its stub (3.x) declares a 1-tuple (`Tuple[X]` for `Tuple[X, ...]`) and no return type.
+    packed: bytes = pack_command(args)  # type: ignore[arg-type]
+    return packed
 
 
 def effect_of(args: list[bytes]) -> Effect | None:

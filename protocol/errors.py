@@ -4,6 +4,8 @@ Exception tree::
 
     Error                   root: ``except protocol.Error`` catches anything this package raises
     └── ProtocolError       the peer sent bytes Redis would reject; send ``.reply``, then close
+        ├── KeptTooLong     (requests) a streaming parser's kept arguments passed ``max_kept``
+        └── UnbalancedQuotes (requests) ``split_args`` refused the quotes; ``.closed`` says how
 
 Redis error *replies* (``-ERR ...`` from the server) are values that pass through, never exceptions.
 """

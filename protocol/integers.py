@@ -17,17 +17,22 @@ LLONG_MAX = 2**63 - 1
 _LONG_STR_SIZE = 21
 
 
-def string2ll(text: bytes | str) -> int | None:
+def string2ll(text: bytes | bytearray | str) -> int | None:
     """The value of ``text`` if Redis would take it as an integer, else None."""
+    # The exact request parser calls this for every header: the common case goes first.
     if isinstance(text, str):
         if not text.isascii():  # str.isdigit() takes other scripts' digits
             return None
         text = text.encode("ascii")
     if not 0 < len(text) < _LONG_STR_SIZE:
         return None
-    digits = text[1:] if text[:1] == b"-" else text
     # bytes.isdigit() is ASCII only; "0" alone is the one number that may start with 0.
-    if not digits.isdigit() or (digits[:1] == b"0" and len(text) > 1):
+    if text.isdigit():
+        if text[0] == 0x30 and len(text) > 1:  # "0"
+            return None
+        value = int(text)
+        return value if value <= LLONG_MAX else None
+    if text[0] != 0x2D or not text[1:].isdigit() or text[1] == 0x30:  # "-", "0"
         return None
     value = int(text)
-    return value if LLONG_MIN <= value <= LLONG_MAX else None
+    return value if value >= LLONG_MIN else None

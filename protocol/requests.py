@@ -64,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.errors import NEED_DATA, NeedData, ProtocolError
+from protocol.integers import string2ll
 
 #: ``keep`` returns this to keep every argument of a request (bounded by ``max_kept``).
 KEEP_ALL = 1 << 62
@@ -76,9 +77,6 @@ _BAD_LENGTH = "ERR Protocol error: invalid bulk length"
 _UNBALANCED = "ERR Protocol error: unbalanced quotes in request"
 
 _INT_MAX = 2**31 - 1
-_LLONG_MIN, _LLONG_MAX = -(2**63), 2**63 - 1
-# Redis's string2ll refuses 21 bytes or more before looking at them (LONG_STR_SIZE).
-_LONG_STR_SIZE = 21
 # Above this, copy a bulk out through a memoryview (one copy) rather than a slice (two).
 _BIG_ARG = 32 * 1024
 
@@ -108,6 +106,15 @@ class Request:
 
 class KeptTooLong(ProtocolError):
     """The arguments a streaming parser was asked to keep passed ``max_kept`` bytes."""
+
+
+class UnbalancedQuotes(ProtocolError):
+    """``sdssplitargs`` refused a line: a quote never closes, or (``closed``) a closing quote is
+    followed by something other than a blank. Redis's reply is the same for both."""
+
+    def __init__(self, *, closed: bool) -> None:
+        super().__init__(_UNBALANCED)
+        self.closed = closed
 
 
 class _State(enum.Enum):
@@ -297,7 +304,7 @@ class RequestParser:
         end = self._header_end(_TOO_BIG_COUNT)
         if end < 0:
             return NEED_DATA
-        count = _string2ll(self._buf, self._pos + 1, end)
+        count = string2ll(self._buf[self._pos + 1 : end])
         if count is None or count > self._max_multibulk:
             raise ProtocolError(_BAD_COUNT)
         self._advance(end + 2)
@@ -320,7 +327,7 @@ class RequestParser:
         first = self._buf[self._pos]
         if first != 0x24:  # "$"
             raise ProtocolError(f"ERR Protocol error: expected '$', got '{_as_reply_char(first)}'")
-        length = _string2ll(self._buf, self._pos + 1, end)
+        length = string2ll(self._buf[self._pos + 1 : end])
         if length is None or length < 0 or length > self._max_bulk:
             raise ProtocolError(_BAD_LENGTH)
         self._advance(end + 2)
@@ -409,7 +416,7 @@ class RequestParser:
         if end < 0:
             return NEED_DATA
         stop = end - 1 if end > self._pos and self._buf[end - 1] == 0x0D else end
-        args = _split_inline(bytes(self._buf[self._pos : stop]))
+        args = split_args(bytes(self._buf[self._pos : stop]))
         self._advance(end + 1)
         if not args:
             return None
@@ -425,19 +432,6 @@ class RequestParser:
         self._advance(end + 1)
         self._state = _State.REQUEST
         return Request((), self._start, self.offset, True, 0)
-
-
-def _string2ll(buf: bytearray, start: int, stop: int) -> int | None:
-    """Redis's ``string2ll``: ``0`` or ``-?[1-9][0-9]*`` within a signed 64-bit integer, else None."""
-    if not 0 < stop - start < _LONG_STR_SIZE:
-        return None
-    raw = buf[start:stop]
-    digits = raw[1:] if raw[0] == 0x2D else raw  # "-"
-    # isdigit() first: int() alone would also take "+1", " 1", "1_0" and "01".
-    if not digits.isdigit() or (digits[0] == 0x30 and len(raw) > 1):
-        return None
-    value = int(raw)
-    return value if _LLONG_MIN <= value <= _LLONG_MAX else None
 
 
 def _as_reply_char(byte: int) -> str:
@@ -463,8 +457,13 @@ class _Quote(enum.Enum):
     SINGLE = enum.auto()
 
 
-def _split_inline(line: bytes) -> list[bytes]:
-    """``sdssplitargs`` on one inline line (which never holds a NUL: see ``_line_end``)."""
+def split_args(line: bytes) -> list[bytes]:
+    """Redis's ``sdssplitargs``: the arguments of an inline request or a ``redis.conf`` line (the
+    rules are in the module docstring). Raises :class:`UnbalancedQuotes` where Redis refuses it.
+
+    A NUL is taken as an ordinary byte: Redis would stop at it (a C string), so the caller must
+    not pass one where that matters (the parser never does: see ``_line_end``).
+    """
     if _QUOTED.search(line) is None:
         # Without quotes (and \v \f, which only separate between arguments) the split is exactly
         # bytes.split(): blanks are C isspace() in the "C" locale.
@@ -495,10 +494,10 @@ def _split_one(line: bytes, i: int) -> tuple[bytes, int]:
             else:
                 arg.append(c)
         elif c is None:
-            raise ProtocolError(_UNBALANCED)
+            raise UnbalancedQuotes(closed=False)
         elif (c == _DQUOTE and quote is _Quote.DOUBLE) or (c == _SQUOTE and quote is _Quote.SINGLE):
             if i + 1 < n and line[i + 1] not in _BLANKS:
-                raise ProtocolError(_UNBALANCED)
+                raise UnbalancedQuotes(closed=True)
             return bytes(arg), i + 1
         elif c == _BACKSLASH and i + 1 < n:
             i = _unescape(line, i, quote, arg)
@@ -523,4 +522,4 @@ def _unescape(line: bytes, i: int, quote: _Quote, arg: bytearray) -> int:
     return i + 1
 
 
-__all__ = ["KEEP_ALL", "KeptTooLong", "Request", "RequestParser"]
+__all__ = ["KEEP_ALL", "KeptTooLong", "Request", "RequestParser", "UnbalancedQuotes", "split_args"]

@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from protocol import replies
+from protocol import barrier, replies
+from protocol.barrier import Probe
 from protocol.commands import admin_verb
 from protocol.events import parse_classes
 from protocol.integers import string2ll
@@ -46,9 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("key_evt_amqp.admin")
 
-PROBE = b"*4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n$28\r\nkey-evt-amqp-authority-probe\r\n$1\r\n1\r\n"
-#: The probe's reply is one error line, shorter than this.
-PROBE_REPLY_MAX = 512
 OK = replies.simple("OK")
 
 Reply = bytes | Awaitable[bytes]
@@ -75,12 +73,8 @@ class Barrier:
         self.error = error
         self.drain = drain
         self.hello = hello
-        token = ("key-evt-amqp-marker-" + secrets.token_hex(16)).encode()
-        self.echo = b"*2\r\n$4\r\nECHO\r\n$%d\r\n%s\r\n" % (len(token), token)
-        self.echo_reply = b"$%d\r\n%s\r\n" % (len(token), token)
-        self.unknown = b"*1\r\n$%d\r\n%s-x\r\n" % (len(token) + 2, token)
-        self.unknown_reply = b"-ERR unknown command '%s-x', with args beginning with: \r\n" % token
-        self.marker_reply = self.echo_reply  # the reply that ends the wait
+        self.markers = barrier.markers(("key-evt-amqp-marker-" + secrets.token_hex(16)).encode())
+        self.marker_reply = self.markers.echo_reply  # the reply that ends the wait
         self.fallback = False  # the unknown command was sent behind ECHO
         self.probing = False
         self._tail = b""  # reply bytes kept back: the end of the stream may be our replies
@@ -100,59 +94,39 @@ class Barrier:
             self.probing = True
         # One write, so that Redis reads both at once and answers both at once (a probe's error
         # line read alone would look like a refused ECHO).
-        probe = PROBE if self.probing else b""
+        probe = barrier.PROBE if self.probing else b""
         if client.in_multi:
-            self.marker_reply = self.unknown_reply
-            client.inject(probe + self.unknown)
+            self.marker_reply = self.markers.unknown_reply
+            client.inject(probe + self.markers.unknown)
         else:
-            client.inject(probe + self.echo)
+            client.inject(probe + self.markers.echo)
 
     def on_replies(self, data: bytes) -> None:
         """Reply bytes arrived: pass on all but what may be the start of our own replies."""
         transport = self.client.transport
         assert transport is not None
         stream = self._tail + data
+        echo_reply = self.markers.echo_reply
         if not stream.endswith(self.marker_reply):
-            if not self.fallback and self.marker_reply is self.echo_reply and _ends_with_error(stream):
+            if not self.fallback and self.marker_reply is echo_reply and barrier.ends_with_error(stream):
                 self._fall_back()
-            keep = len(self.marker_reply) + len(self.echo_reply) + PROBE_REPLY_MAX
+            keep = len(self.marker_reply) + len(echo_reply) + barrier.PROBE_REPLY_MAX
             transport.write(stream[:-keep])
             self._tail = stream[-keep:]
             return
         self._tail = b""
-        end = len(stream) - len(self.marker_reply)
-        if self.fallback:
-            # ECHO's reply is the frame before: the token, or the one error line it got.
-            if stream.endswith(self.echo_reply, 0, end):
-                end -= len(self.echo_reply)
-            else:
-                end = _line_start(stream, end)
-        start = end
-        if self.probing:
-            # The probe's reply is the frame before the marker's: one error line, no CRLF inside.
-            start = _line_start(stream, end)
-        elif self.hello is not None:
-            self._hello_answered(stream, end)
+        start, end = barrier.cut(stream, self.markers, self.marker_reply, fallback=self.fallback,
+                                 probed=self.probing)
+        if not self.probing and self.hello is not None and not barrier.hello_refused(stream, end):
+            self.client.resp3 = self.hello == 3
         transport.write(stream[:start])
         self._ready(stream[start:end])
 
     def _fall_back(self) -> None:
         """ECHO may have been refused: wait for a marker every Redis answers, sent behind it."""
         self.fallback = True
-        self.marker_reply = self.unknown_reply
-        self.client.inject(self.unknown)
-
-    def _hello_answered(self, stream: bytes, end: int) -> None:
-        """HELLO's reply ends just before the marker's: an error line if Redis refused it."""
-        line_start = _line_start(stream, end)
-        line = stream[line_start:end - 2]
-        refused = line.startswith(b"-")
-        if refused and line_start >= 2:
-            # A bulk string whose text starts with `-` (a module argument) is not an error.
-            header = stream[_line_start(stream, line_start):line_start - 2]
-            refused = header != b"$%d" % len(line)
-        if not refused:
-            self.client.resp3 = self.hello == 3
+        self.marker_reply = self.markers.unknown_reply
+        self.client.inject(self.markers.unknown)
 
     def flush(self) -> None:
         """The upstream is gone: what was kept back is Redis's, not ours; pass it on."""
@@ -167,49 +141,30 @@ class Barrier:
         if self.error:
             self.client.barrier_done(replies.error(self.error), close=self.args is None)
             return
-        if not probe_reply.startswith(b"-ERR Unknown option"):
-            # Anything but "unknown option" means CONFIG SET was not even tried: refuse.
-            self.client.barrier_done(self._refusal(probe_reply))
+        verdict = barrier.judge_probe(probe_reply)
+        if verdict is not Probe.ALLOWED:
+            self.client.barrier_done(self._refusal(verdict, probe_reply))
             return
         assert self.args is not None
-        reply = execute(self.client.runtime, self.args, resp3=self.client.resp3)
+        reply = run(self.client.runtime, self.args, resp3=self.client.resp3)
         if isinstance(reply, bytes):
             self.client.barrier_done(reply)
         else:
-            self._task = asyncio.ensure_future(self._finish(reply))
+            self._task = asyncio.ensure_future(self._deliver(reply))
 
-    async def _finish(self, pending: Awaitable[bytes]) -> None:
-        try:
-            reply = await pending
-        except Exception:  # a bug must cost one reply, not the proxy
-            log.exception("%s failed", self.name)
-            reply = replies.error(f"ERR {self.name} failed: internal error (see the proxy's log)")
-        self.client.barrier_done(reply)
+    async def _deliver(self, pending: Awaitable[bytes]) -> None:
+        self.client.barrier_done(await pending)
 
-    def _refusal(self, probe_reply: bytes) -> bytes:
-        if probe_reply.startswith(b"-NOAUTH"):
+    def _refusal(self, verdict: Probe, probe_reply: bytes) -> bytes:
+        if verdict is Probe.NOAUTH:
             return probe_reply
-        if not probe_reply.startswith(b"-NOPERM"):
+        if verdict is not Probe.NOPERM:
             log.warning("authority probe answered %r; refusing %s", probe_reply[:80], self.name)
-        return replies.error(
-            f"NOPERM this user has no permissions to run the '{self.name}' command "
-            "(it needs the right to run CONFIG SET)"
-        )
+        return barrier.refusal(self.name)
 
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
-
-
-def _ends_with_error(stream: bytes) -> bool:
-    """Whether the last frame in ``stream`` may be an error line (ECHO refused)."""
-    return stream.endswith(b"\r\n") and stream[_line_start(stream, len(stream)):][:1] == b"-"
-
-
-def _line_start(stream: bytes, end: int) -> int:
-    """Where the line that ends (with its CRLF) at ``end`` begins."""
-    before = stream.rfind(b"\r\n", 0, end - 2)
-    return before + 2 if before >= 0 else 0
 
 
 #: Redis quotes the arguments of an unknown command up to this many bytes in all.
@@ -234,10 +189,23 @@ def _c_string(arg: bytes) -> bytes:
     return arg.split(b"\0", 1)[0]
 
 
-def execute(runtime: Runtime, args: list[bytes], *, resp3: bool) -> Reply:
-    """Run one of our commands; returns the encoded reply, or an awaitable of it."""
+def run(runtime: Runtime, args: list[bytes], *, resp3: bool) -> bytes | Coroutine[Any, Any, bytes]:
+    """Run one of our commands (``args[0]`` a name in :data:`HANDLERS`), for either relay.
+
+    Returns the encoded reply, or a coroutine that gives it: the caller schedules it, keeps the
+    task if it may have to cancel it, and sends the reply in the command's place when it ends.
+    """
     name = args[0].decode("utf-8", "replace").lower()
-    return HANDLERS[admin_verb(args[0])](runtime, name, args[1:], resp3)
+    reply = HANDLERS[admin_verb(args[0])](runtime, name, args[1:], resp3)
+    return reply if isinstance(reply, bytes) else _settled(name, reply)
+
+
+async def _settled(name: str, pending: Awaitable[bytes]) -> bytes:
+    try:
+        return await pending
+    except Exception:  # a bug must cost one reply, not the proxy
+        log.exception("%s failed", name)
+        return replies.error(f"ERR {name} failed: internal error (see the proxy's log)")
 
 
 def _arity(name: str) -> bytes:

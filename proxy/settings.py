@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 from protocol.events import CLASS_LETTERS, parse_classes
 from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
 from protocol.keymask import normalize_masks
+from protocol.requests import UnbalancedQuotes, split_args
 from proxy.config import Config, RedisAddress
 from proxy.errors import ConfigError
 
@@ -451,54 +452,15 @@ def _decode(what: str, raw: bytes) -> str:
         raise ConfigError(f"invalid {what}: not UTF-8") from None
 
 
-_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": "\b", "a": "\a"}
-_HEX = re.compile(r"[0-9a-fA-F]{2}")
-
-
 def split_module_args(line: str) -> list[bytes]:
-    """Split a ``loadmodule`` argument string the way redis.conf does (Redis's sdssplitargs).
-
-    Blanks separate arguments; ``"..."`` understands ``\\n \\r \\t \\b \\a \\xHH`` and ``\\"``,
-    ``'...'`` only ``\\'``; anything else (a backslash outside quotes too) is literal. A closing
-    quote must end the argument.
+    """Split a ``loadmodule`` argument string the way redis.conf does: Redis's sdssplitargs
+    (:func:`protocol.requests.split_args`). Blanks separate arguments (``\\v`` and ``\\f`` only
+    between arguments: inside an unquoted one they are ordinary bytes); ``"..."`` understands
+    ``\\n \\r \\t \\b \\a \\xHH`` and ``\\"``, ``'...'`` only ``\\'``; anything else (a backslash
+    outside quotes too) is literal. A closing quote must end the argument.
     """
-    data = line.encode("utf-8", "surrogateescape").decode("latin-1")  # one char per byte
-    args: list[bytes] = []
-    i, n = 0, len(data)
-    while True:
-        while i < n and data[i] in " \t\n\r\v\f":
-            i += 1
-        if i == n:
-            return args
-        current: list[str] = []
-        while i < n and data[i] not in " \t\n\r\v\f":
-            quote = data[i]
-            if quote not in "\"'":
-                current.append(quote)
-                i += 1
-                continue
-            i += 1
-            while True:
-                if i == n:
-                    raise ConfigError("unbalanced quotes in module arguments")
-                c = data[i]
-                if c == quote:
-                    i += 1
-                    if i < n and data[i] not in " \t\n\r\v\f":
-                        raise ConfigError("a closing quote must be followed by a space")
-                    break
-                if c == "\\" and quote == '"' and i + 1 < n:
-                    if data[i + 1] == "x" and _HEX.fullmatch(data, i + 2, i + 4):
-                        current.append(chr(int(data[i + 2 : i + 4], 16)))
-                        i += 4
-                        continue
-                    c = _ESCAPES.get(data[i + 1], data[i + 1])
-                    i += 1
-                elif c == "\\" and quote == "'" and data[i + 1 : i + 2] == "'":
-                    c = "'"
-                    i += 1
-                current.append(c)
-                i += 1
-            if i == n or data[i] in " \t\n\r\v\f":
-                break
-        args.append("".join(current).encode("latin-1"))
+    try:
+        return split_args(line.encode("utf-8", "surrogateescape"))
+    except UnbalancedQuotes as exc:
+        raise ConfigError("a closing quote must be followed by a space" if exc.closed
+                          else "unbalanced quotes in module arguments") from None

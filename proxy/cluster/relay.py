@@ -179,7 +179,7 @@ class ClusterClientConnection(asyncio.Protocol):
     def command(self, args: list[bytes]) -> None:
         """Route one client command (``args[0]`` its name, as sent)."""
         if self.streaming is not None:
-            self.streaming.write(routes.encode(args))  # subscribed: a plain pipe to that node
+            self.streaming.write(routes.encode_command(*args))  # subscribed: a plain pipe to that node
             return
         routes.dispatch(self, args)
 

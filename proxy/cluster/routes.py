@@ -19,12 +19,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from protocol import merge, replies
-from protocol.commands import ADMIN_PREFIX, READ_ONLY, admin_verb
+from protocol import barrier, merge, replies
+from protocol.barrier import Probe
+from protocol.commands import ADMIN_PREFIX, READ_ONLY, admin_verb, encode_command
 from protocol.reply_scan import Frame
 from protocol.slots import UNKNOWN, key_slot, keys_of
 from proxy import admin
@@ -33,21 +33,15 @@ from proxy.cluster.links import Place, Resend, Sent, Tx
 if TYPE_CHECKING:
     from proxy.cluster.relay import ClusterClientConnection as Client
 
-log = logging.getLogger("key_evt_amqp.cluster")
-
 _PREFIX_LEN = len(ADMIN_PREFIX)
 
 
-def encode(args: list[bytes]) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
-
-
-ASKING = encode([b"ASKING"])
-DISCARD = encode([b"DISCARD"])
+ASKING = encode_command(b"ASKING")
+DISCARD = encode_command(b"DISCARD")
 EXECABORT = replies.error("EXECABORT Transaction discarded because of previous errors.")
 OK = replies.simple("OK")
 QUEUED = replies.simple("QUEUED")
-EMPTY_SCAN = b"*2\r\n$1\r\n0\r\n*0\r\n"
+EMPTY_SCAN = replies.encode([b"0", []])  # cursor 0, no keys
 
 #: Commands split per slot when their keys span several, and how the parts merge.
 SPLIT = frozenset({b"mget", b"mset", b"del", b"exists", b"unlink", b"touch"})
@@ -98,17 +92,17 @@ def _resend(name: bytes) -> Resend:
 def _keyed(c: Client, args: list[bytes], slot: int, name: bytes) -> None:
     tx = c.tx
     if tx is Tx.NONE or tx is Tx.WATCHING:
-        c.link_for_slot(slot).send(Sent(encode(args), c.place(), slot=slot, resend=_resend(name)))
+        c.link_for_slot(slot).send(Sent(encode_command(*args), c.place(), slot=slot, resend=_resend(name)))
         return
     if tx is Tx.QUEUED:
         c.tx = Tx.PINNED
-        c.pin(slot).send(Sent(encode(args), c.place(), slot=slot, follow=False))
+        c.pin(slot).send(Sent(encode_command(*args), c.place(), slot=slot, follow=False))
         return
     if c.tx_slot >= 0 and slot != c.tx_slot:
         _crossslot(c)
         return
     c.tx_slot = slot
-    c.tx_link.send(Sent(encode(args), c.place(), slot=slot, follow=False))  # type: ignore[union-attr]
+    c.tx_link.send(Sent(encode_command(*args), c.place(), slot=slot, follow=False))  # type: ignore[union-attr]
 
 
 def _in_tx(c: Client, args: list[bytes]) -> bool:
@@ -118,7 +112,7 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
         # Held until a key names the node. The client may wait for each reply before sending
         # the next command, so its +QUEUED is ours; a command Redis refuses later makes EXEC
         # answer -EXECABORT, as it would have anyway. An aborted one never runs: nothing kept.
-        if c.tx_aborted or c.hold(Sent(encode(args), None, callback=_ignore, follow=False)):
+        if c.tx_aborted or c.hold(Sent(encode_command(*args), None, callback=_ignore, follow=False)):
             c.reply_local(QUEUED)
         else:
             c.reply_local(replies.error(
@@ -126,7 +120,7 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
                 f"{c.server_state.buffer_limit} bytes held); it is aborted"))
         return True
     if tx is Tx.PINNED:
-        c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
         return True
     return False
 
@@ -134,7 +128,7 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
 def _keyless(c: Client, args: list[bytes], name: bytes = b"") -> None:
     if not _in_tx(c, args):
         resend = _resend(name or args[0].lower())
-        c.link(c.home()).send(Sent(encode(args), c.place(), resend=resend))
+        c.link(c.home()).send(Sent(encode_command(*args), c.place(), resend=resend))
 
 
 def _crossslot(c: Client) -> None:
@@ -170,7 +164,7 @@ def _split(c: Client, args: list[bytes], name: bytes, keys: list[bytes]) -> None
                 sub += args[1 + 2 * i:3 + 2 * i]
         else:
             sub = [args[0], *(keys[i] for i in indexes)]
-        c.link_for_slot(slot).send(Sent(encode(sub), place, part=part, slot=slot, resend=resend))
+        c.link_for_slot(slot).send(Sent(encode_command(*sub), place, part=part, slot=slot, resend=resend))
 
 
 def _fan(c: Client, args: list[bytes], how: Callable[[list[bytes]], bytes]) -> None:
@@ -180,7 +174,7 @@ def _fan(c: Client, args: list[bytes], how: Callable[[list[bytes]], bytes]) -> N
     nodes = c.masters()
     place = c.place()
     place.split(len(nodes), how)
-    data = encode(args)
+    data = encode_command(*args)
     for part, address in enumerate(nodes):
         c.link(address).send(Sent(data, place, part=part))
 
@@ -200,10 +194,10 @@ def _multi(c: Client, args: list[bytes], name: bytes) -> None:
         return
     if c.tx is Tx.WATCHING:
         c.tx = Tx.PINNED
-        c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
     else:
         c.tx = Tx.QUEUED  # MULTI always succeeds here: answered now, sent with the first key
-        c.hold(Sent(encode(args), None, callback=_ignore, follow=False))
+        c.hold(Sent(encode_command(*args), None, callback=_ignore, follow=False))
         c.reply_local(OK)
 
 
@@ -218,10 +212,10 @@ def _exec(c: Client, args: list[bytes], name: bytes) -> None:
             link.send(Sent(DISCARD, None, callback=_ignore))
             c.reply_local(EXECABORT)
         else:
-            link.send(Sent(encode(args), c.place(), follow=False))
+            link.send(Sent(encode_command(*args), c.place(), follow=False))
         c.tx_reset()
     elif c.tx is Tx.WATCHING:
-        c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
     else:
         _keyless(c, args)
 
@@ -236,12 +230,12 @@ def _watch(c: Client, args: list[bytes], name: bytes) -> None:
         return
     link = c.tx_link or c.link_for_slot(slot)
     c.tx, c.tx_slot, c.tx_link = Tx.WATCHING, slot, link
-    link.send(Sent(encode(args), c.place(), slot=slot, follow=False))
+    link.send(Sent(encode_command(*args), c.place(), slot=slot, follow=False))
 
 
 def _unwatch(c: Client, args: list[bytes], name: bytes) -> None:
     if c.tx is Tx.WATCHING:
-        c.tx_link.send(Sent(encode(args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
         c.tx_reset()
     else:
         _keyless(c, args)
@@ -264,7 +258,7 @@ def _session(c: Client, args: list[bytes], name: bytes) -> None:
         return
     home = c.link(c.home())  # opened (and replayed) before this command is recorded
     others = [link for link in c.links.values() if link is not home]
-    data = encode(args)
+    data = encode_command(*args)
     c.session[name] = data
     place = c.place()
     hello = args[1] if name == b"hello" and len(args) > 1 else None
@@ -295,7 +289,7 @@ def _subscribe(c: Client, args: list[bytes], name: bytes) -> None:
         place.stream_in(frame.raw)
 
     c.streaming = link
-    link.send(Sent(encode(args), None, callback=started, follow=False))
+    link.send(Sent(encode_command(*args), None, callback=started, follow=False))
 
 
 def _quit(c: Client, args: list[bytes], name: bytes) -> None:
@@ -304,7 +298,7 @@ def _quit(c: Client, args: list[bytes], name: bytes) -> None:
 
 
 def _reset(c: Client, args: list[bytes], name: bytes) -> None:
-    data = encode(args)
+    data = encode_command(*args)
     for link in c.links.values():
         link.send(Sent(data, None, callback=_ignore))
     c.session.clear()
@@ -326,30 +320,23 @@ def _admin(c: Client, args: list[bytes]) -> None:
 
     def probed(frame: Frame) -> None:
         raw = frame.raw
-        if not raw.startswith(b"-ERR Unknown option"):
-            # Anything but "unknown option" means CONFIG SET was not even tried: refuse.
-            if raw.startswith((b"-NOAUTH", b"-ERR key-evt-amqp")):
-                place.reply = raw
-            else:
-                place.reply = replies.error(
-                    f"NOPERM this user has no permissions to run the '{label}' command "
-                    "(it needs the right to run CONFIG SET)")
+        verdict = barrier.judge_probe(raw)
+        if verdict is not Probe.ALLOWED:
+            # NOAUTH, or the lost link's error: as it is; anything else: CONFIG SET was not tried.
+            passed = verdict is Probe.NOAUTH or verdict is Probe.PROXY_ERROR
+            place.reply = raw if passed else barrier.refusal(label)
             return
-        result = admin.execute(c.runtime, args, resp3=c.resp3)
+        result = admin.run(c.runtime, args, resp3=c.resp3)
         if isinstance(result, bytes):
             place.reply = result
         else:
-            c.server_state.spawn(_finish(c, place, label, result))
+            c.server_state.spawn(_deliver(c, place, result))
 
-    c.link(c.home()).send(Sent(admin.PROBE, None, callback=probed))
+    c.link(c.home()).send(Sent(barrier.PROBE, None, callback=probed))
 
 
-async def _finish(c: Client, place: Place, label: str, pending: Awaitable[bytes]) -> None:
-    try:
-        place.reply = await pending
-    except Exception:  # a bug must cost one reply, not the proxy
-        log.exception("%s failed", label)
-        place.reply = replies.error(f"ERR {label} failed: internal error (see the proxy's log)")
+async def _deliver(c: Client, place: Place, pending: Awaitable[bytes]) -> None:
+    place.reply = await pending
     c.flush()
 
 
@@ -373,7 +360,7 @@ def _scan(c: Client, args: list[bytes], name: bytes) -> None:
     count = len(nodes)
     place.split(1, lambda parts: merge.scan_reply(parts[0], node, count))
     sub = [args[0], b"%d" % own, *args[2:]]
-    c.link(nodes[node]).send(Sent(encode(sub), place, part=0))
+    c.link(nodes[node]).send(Sent(encode_command(*sub), place, part=0))
 
 
 def _info(c: Client, args: list[bytes], name: bytes) -> None:
@@ -387,7 +374,7 @@ def _info(c: Client, args: list[bytes], name: bytes) -> None:
                    b"cluster_masters:%d\r\ncluster_map_refreshes:%d\r\n" % (masters, c.topology.refreshes))
     place = c.place()
     place.split(1, lambda parts: merge.info_as_single(parts[0], section))
-    c.link(c.home()).send(Sent(encode(args), place, part=0))
+    c.link(c.home()).send(Sent(encode_command(*args), place, part=0))
 
 
 def _ignore(frame: Frame) -> None:

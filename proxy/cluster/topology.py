@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import hiredis
 
+from protocol.commands import encode_command as encode
 from protocol.errors import NEED_DATA
 from protocol.slots import SLOTS
 from proxy.config import SECONDS, Config, RedisAddress
@@ -122,14 +123,6 @@ async def query(address: Address, *commands: tuple[bytes | str, ...], auth: Redi
         return out[len(prefix):]
     finally:
         writer.close()
-
-
-def encode(*args: bytes | str | int) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 async def is_cluster(config: Config) -> bool:

@@ -19,27 +19,19 @@ from typing import Any
 
 import hiredis
 
+from protocol.commands import encode_command
 from proxy.config import RedisAddress
 from proxy.connect import open_redis
 from proxy.events.errors import LinkError
 from proxy.ratelog import RateLimitedLog
 
-__all__ = ["RedisLink", "encode_command", "open_link"]
+__all__ = ["RedisLink", "open_link"]
 
 #: A reply may be as large as a key (512 MB in theory); hiredis buffers it. Our commands only read
 #: lists of events and short strings, so this is the limit of one unread reply stream.
 MAX_PENDING_COMMANDS = 100_000  # commands awaiting replies; more is a bug in the caller
 
 _rlog = RateLimitedLog(logging.getLogger("proxy.events.redis"))
-
-
-def encode_command(args: Sequence[bytes | str | int]) -> bytes:
-    """One command as a RESP multibulk request."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, (bytes, bytearray)) else str(arg).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 class RedisLink(asyncio.Protocol):
@@ -98,7 +90,7 @@ class RedisLink(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         self._waiters.extend(futures)
-        self._transport.write(b"".join(encode_command(c) for c in commands))
+        self._transport.write(b"".join(encode_command(*c) for c in commands))
         return futures
 
     async def request(self, commands: Sequence[Sequence[bytes | str | int]], timeout: float) -> list[Any]:
@@ -118,7 +110,7 @@ class RedisLink(asyncio.Protocol):
         """Send a command whose replies go to ``on_push`` (PSUBSCRIBE, PING when subscribed)."""
         if self.closed or self._transport is None:
             raise LinkError("Redis link closed")
-        self._transport.write(encode_command(args))
+        self._transport.write(encode_command(*args))
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Drop the connection now; waiting commands fail with LinkError."""

@@ -34,3 +34,9 @@ def test_accepted(text: bytes | str, value: int) -> None:
 )
 def test_refused(text: bytes | str) -> None:
     assert string2ll(text) is None
+
+
+def test_a_bytearray_is_read_like_bytes() -> None:
+    # The exact request parser hands over slices of its buffer.
+    assert string2ll(bytearray(b"-12")) == -12
+    assert string2ll(bytearray(b"012")) is None

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import NEED_DATA, ProtocolError, Request, RequestParser
-from protocol.requests import KEEP_ALL, KeptTooLong
+from protocol.requests import KEEP_ALL, KeptTooLong, split_args
 from protocol.errors import Error
 
 KIB = 1024
@@ -534,6 +534,20 @@ def test_inline_splitting_matches_redis(real_redis: int, tail: bytes) -> None:
     reader = hiredis.Reader()
     reader.feed(reply)
     assert (reader.gets(), reader.gets(), closed) == (list(request.args[3:]), b"OK", True)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"a\x0bb", b"a\x0cb c\x0bd", b"\x0ba\x0c \x0cb\x0b", b"x \x0b\x0c y", b'"q"\x0bx', b"'q'\x0c", b'x\x0b"y z"'],
+)
+def test_split_args_matches_redis_on_vertical_tab_and_form_feed(real_redis: int, tail: bytes) -> None:
+    # \v and \f are blanks between arguments but ordinary bytes inside an unquoted one (the
+    # switch in sdssplitargs lists only ' ', \n, \r, \t): proxy/settings.py splits with this too.
+    line = b'EVAL "return ARGV" 0 ' + tail
+    reply, closed = exchange(real_redis, line + b"\r\nQUIT\r\n")
+    reader = hiredis.Reader()
+    reader.feed(reply)
+    assert (reader.gets(), reader.gets(), closed) == (split_args(line)[3:], b"OK", True)
 
 
 # --- streaming mode (the relay's exact path) --------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import types
 
 import pytest
@@ -43,7 +45,23 @@ def test_unknown_command_text_is_redis_s() -> None:
 def test_info_values_cannot_add_lines() -> None:
     """An error text with CR/LF (a broker's reply text, say) must not forge an INFO field."""
     runtime = types.SimpleNamespace(info=lambda: {"last_error": "refused\r\nevents_dropped:0", "gaps": 1})
-    reply = admin.execute(runtime, [b"key_evt_amqp.info"], resp3=False)  # type: ignore[arg-type]
+    reply = admin.run(runtime, [b"key_evt_amqp.info"], resp3=False)  # type: ignore[arg-type]
     assert isinstance(reply, bytes)
     body = reply.split(b"\r\n", 1)[1]
     assert body.split(b"\r\n")[:4] == [b"# key_evt_amqp", b"last_error:refused  events_dropped:0", b"gaps:1", b""]
+
+
+def test_a_handler_that_fails_later_costs_one_reply_and_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The one runner both relays use: an exception inside an awaited handler is logged and
+    becomes an error reply in the command's place."""
+
+    async def connect(config: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    runtime = types.SimpleNamespace(config=object(), connect=connect)
+    pending = admin.run(runtime, [b"KEY_EVT_AMQP.Connect"], resp3=False)  # type: ignore[arg-type]
+    assert not isinstance(pending, bytes)
+    with caplog.at_level(logging.ERROR, logger="key_evt_amqp.admin"):
+        reply = asyncio.run(pending)
+    assert reply == b"-ERR key_evt_amqp.connect failed: internal error (see the proxy's log)\r\n"
+    assert "key_evt_amqp.connect failed" in caplog.text and "a bug" in caplog.text

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.admin import PROBE
+from protocol.barrier import PROBE
 from proxy.config import Config
 from proxy.relay import ClientConnection, Mode
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.requests import split_args
 from proxy import cli
 from proxy.config import DEFAULT_FALLBACK_KEY, Config, RedisAddress
 from proxy.settings import ConfigError, apply_module_args, load, split_module_args
@@ -447,6 +448,22 @@ def test_split_module_args(line: str, expected: list[bytes]) -> None:
 def test_split_module_args_errors(line: str) -> None:
     with pytest.raises(ConfigError):
         split_module_args(line)
+
+
+def test_split_module_args_error_texts() -> None:
+    with pytest.raises(ConfigError, match="^unbalanced quotes in module arguments$"):
+        split_module_args('xe "open')
+    with pytest.raises(ConfigError, match="^a closing quote must be followed by a space$"):
+        split_module_args('xe "a"b')
+
+
+def test_split_module_args_splits_like_redis() -> None:
+    """The same sdssplitargs as inline requests: \\v and \\f separate arguments but do not end one
+    (tests/resp/test_requests.py checks this splitter against redis-server's EVAL "return ARGV")."""
+    assert split_module_args("a\vb") == [b"a\x0bb"]
+    assert split_module_args("\va\fb c\v\fd") == [b"a\x0cb", b"c\x0b\x0cd"]
+    line = 'xe "q"\v\'r\'\f s\vt'
+    assert split_module_args(line) == split_args(line.encode()) == [b"xe", b"q", b"r", b"s\x0bt"]
 
 
 # -- the command line ----------------------------------------------------------------------------
