@@ -38,7 +38,7 @@ run: deps services
 		--amqp amqp://$(AMQP_HOST):$(AMQP_PORT)/ $(ARGS)
 
 test: deps
-	$(PY) -m mypy protocol
+	$(PY) -m mypy protocol proxy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 fuzz: deps

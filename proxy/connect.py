@@ -31,7 +31,7 @@ async def open_redis(address: RedisAddress, protocol_factory: Callable[[], P], *
     loop = asyncio.get_running_loop()
     transport, protocol = await asyncio.wait_for(
         loop.create_connection(protocol_factory, address.host, address.port), timeout)
-    return transport, protocol  # type: ignore[return-value]  # create_connection's is a BaseTransport
+    return transport, protocol
 
 
 async def open_redis_streams(address: RedisAddress, *,

@@ -41,12 +41,12 @@ import enum
 import logging
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import hiredis
 
 from protocol import NEED_DATA, ProtocolError, RequestParser, framing, replies
-from protocol.commands import ADMIN_PREFIX, NOTICED, Effect, effect_of, hello_version
+from protocol.commands import ADMIN_PREFIX, MAX_ADMIN_NAME, NOTICED, Effect, effect_of, hello_version
 from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
@@ -120,7 +120,7 @@ class Pause(enum.Enum):
 _FAST = Mode.FAST
 _RELAY = Tail.RELAY
 #: Names of other lengths need no lookup (GET, SET, HSET, ... are never looked at twice).
-_NOTICED_LENGTHS = frozenset({len(name) for name in NOTICED} | set(range(_PREFIX_LEN, framing.MAX_ADMIN_NAME + 1)))
+_NOTICED_LENGTHS = frozenset({len(name) for name in NOTICED} | set(range(_PREFIX_LEN, MAX_ADMIN_NAME + 1)))
 #: How many arguments the exact parser keeps: ours whole, a noticed command's name and first
 #: argument (HELLO's version, CLIENT's subcommand), only the name of any other.
 _NOTICED_KEEP = 2
@@ -162,13 +162,13 @@ class ClientConnection(asyncio.Protocol):
         self._client_eof = False  # the client ended its input (half-close)
         self._eof_sent = False
         self._timer: asyncio.TimerHandle | None = None
-        self._up_write = _nowhere  # the upstream transport's write, once connected
+        self._up_write: Callable[[bytes], object] = _nowhere  # the upstream's write, once connected
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.server_state.buffer_limit)  # type: ignore[union-attr]
+        stream = self.transport = cast(asyncio.Transport, transport)  # a stream protocol: create_server/create_connection
+        stream.set_write_buffer_limits(high=self.server_state.buffer_limit)
         if not self.server_state.admit(self):
             self._fail("ERR max number of clients reached")
             return
@@ -362,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
         reader = self._commands
         reader.feed(data)
         gets = reader.gets
-        commands = []
+        commands: list[object] = []
         append = commands.append
         noticed = False
         size = 0  # canonical size of the complete commands: where the last one ends
@@ -488,10 +488,10 @@ class ClientConnection(asyncio.Protocol):
                 if end - start > MAX_ADMIN_BYTES:
                     self._refuse_and_close("ERR Protocol error: key_evt_amqp command too long")
                 else:
-                    self._start_barrier(command)  # type: ignore[arg-type]
+                    self._start_barrier(command)  # type: ignore[arg-type]  # hiredis gives object; _effect() checked it is a list of bytes
                 return -1
             if effect is Effect.HELLO and self.mode is not Mode.PIPE and not self.in_multi:
-                version = hello_version(command)  # type: ignore[arg-type]
+                version = hello_version(command)  # type: ignore[arg-type]  # hiredis gives object; _effect() checked it is a list of bytes
                 if version is not None:
                     # Which protocol our replies must speak depends on whether HELLO succeeds.
                     self._write_upstream(stream[sent:end])
@@ -549,13 +549,16 @@ class ClientConnection(asyncio.Protocol):
             self.in_multi = self.resp3 = False
         elif effect is Effect.HELLO:
             # Reached only where no barrier can watch the reply (inside MULTI): assume success.
-            version = hello_version(command)  # type: ignore[arg-type]
+            version = hello_version(command)  # type: ignore[arg-type]  # hiredis gives object; _effect() checked it is a list of bytes
             if version in (2, 3):
                 self.resp3 = version == 3
 
     def _write_upstream(self, data: bytes) -> None:
         if data:
             self._up_write(data)
+
+    def _piped(self) -> bool:
+        return self.mode is Mode.PIPE
 
     def _become_pipe(self) -> None:
         if self.mode is not Mode.CLOSING and self.mode is not Mode.DONE:
@@ -689,7 +692,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._apply(effect, args)
             until = request.end
-            if self.mode is Mode.PIPE:
+            if self._piped():  # _apply() may have made it a pipe
                 self._write_upstream(bytes(self._exact_buf))  # the rest goes through unparsed
                 self._exact, self._exact_buf = None, bytearray()
                 return
@@ -747,7 +750,7 @@ class ClientConnection(asyncio.Protocol):
 
     def reply_data(self, data: bytes) -> None:
         if self.barrier is None:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)  # type: ignore[union-attr]  # hot path: no reply can come before the transport is set
         else:
             self.barrier.on_replies(data)
 
@@ -757,6 +760,6 @@ def _nowhere(data: bytes) -> None:
 
 
 def _effect(command: object) -> Effect | None:
-    if command.__class__ is not list or not command or command[0].__class__ is not bytes:  # type: ignore[index]
+    if command.__class__ is not list or not command or command[0].__class__ is not bytes:
         return None
-    return effect_of(command)  # type: ignore[arg-type]
+    return effect_of(command)

@@ -20,13 +20,15 @@ before changing anything, so a bad argument leaves the configuration as it was.
 
 from __future__ import annotations
 
+from typing import NoReturn, cast
+
 import argparse
 import dataclasses
 import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from protocol.events import CLASS_LETTERS, parse_classes
 from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
@@ -132,7 +134,7 @@ def _listen(text: str) -> dict[str, object]:
     return {"listen_host": _host(host), "listen_port": _port(port)}
 
 
-def _url(text: str, scheme: str, form: str):  # -> urllib.parse.SplitResult
+def _url(text: str, scheme: str, form: str) -> SplitResult:
     try:
         parts = urlsplit(text)
     except ValueError:
@@ -156,6 +158,8 @@ def _upstream(text: str) -> dict[str, object]:
     db = string2ll(parts.path[1:] or "0")
     if db is None or db < 0:
         raise ValueError(f"expected {form} with db a number >= 0")
+    if not parts.hostname:  # _url() refuses a URL without a host
+        raise ValueError(f"expected {form}")
     address = RedisAddress(
         host=parts.hostname,
         port=parts.port or 6379,
@@ -307,7 +311,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
 
@@ -336,9 +340,8 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, _Entry]:
     for name in _OPTIONS:
         variable = ENV_PREFIX + name.upper()
         if name != "config" and variable in environ:
-            value: object = environ[variable]
-            if name == "keymask":
-                value = value.split(",") if value else []
+            text = environ[variable]
+            value: object = (text.split(",") if text else []) if name == "keymask" else text
             entries[name] = (("", variable), value)
     return entries
 
@@ -375,18 +378,19 @@ def _build(layers: Mapping[str, _Entry]) -> Config:
         option = _OPTIONS[name]
         if name == "keymask":
             masks = raw  # a list of str, whatever the source
-            changes["keymasks"] = normalize_masks(_key_bytes(m) for m in masks)  # type: ignore
+            changes["keymasks"] = normalize_masks(_key_bytes(m) for m in masks)  # type: ignore  # the TOML/env value was checked to be a list of strings
         elif option.convert is not None:
             try:
-                changes.update(option.convert(raw))  # type: ignore[arg-type]
+                changes.update(option.convert(raw))  # type: ignore[arg-type]  # option tables map names to converters of mixed value types
             except ValueError as exc:
-                shown = " " + _quote(option.redact(raw)) if option.redact else ""  # type: ignore
+                shown = " " + _quote(option.redact(raw)) if option.redact else ""  # type: ignore  # redact takes the raw value, whatever its type
                 raise ConfigError(f"{prefix}invalid {label}{shown}: {exc}") from None
-    config = Config(**changes)  # type: ignore[arg-type]
+    config = Config(**changes)  # type: ignore[arg-type]  # field values of mixed types; Config's __post_init__ validates them
     if "module_args" in layers:
         (prefix, label), raw = layers["module_args"]
         try:
-            args = split_module_args(raw) if isinstance(raw, str) else [_key_bytes(a) for a in raw]
+            # TOML gives a list of strings here (a string otherwise): _check_types made sure.
+            args = split_module_args(raw) if isinstance(raw, str) else [_key_bytes(a) for a in cast("list[str]", raw)]
             config = apply_module_args(config, args, with_flags=True)
         except ConfigError as exc:
             raise ConfigError(f"{prefix}invalid {label}: {exc}") from None
@@ -442,7 +446,7 @@ def apply_module_args(config: Config, args: Sequence[bytes], *, with_flags: bool
             raise ConfigError(f"invalid {what}{shown}: {exc}") from None
     if len(args) > len(_POSITIONS):
         changes["keymasks"] = normalize_masks(args[len(_POSITIONS):])
-    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]  # field values of mixed types; Config's __post_init__ validates them
 
 
 def _decode(what: str, raw: bytes) -> str:

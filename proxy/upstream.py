@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Protocol
+from typing import Protocol, cast
 
 __all__ = ["Client", "RedisSide", "UpstreamConnection"]
 
@@ -57,11 +57,11 @@ class UpstreamConnection(RedisSide):
         self.transport: asyncio.Transport | None = None
         self._spare = -1  # a duplicate of the socket's descriptor, once keep_spare() was called
         # Bound straight to the client: one Python call less per reply chunk on the hot path.
-        self.data_received = client.reply_data  # type: ignore[method-assign]
+        self.data_received = client.reply_data  # type: ignore[method-assign]  # an instance attribute on purpose: one call less per reply chunk
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.buffer_limit)  # type: ignore[union-attr]
+        stream = self.transport = cast(asyncio.Transport, transport)  # a stream protocol: create_server/create_connection
+        stream.set_write_buffer_limits(high=self.buffer_limit)
 
     def keep_spare(self) -> None:
         """Keep a second descriptor of this socket from now on (one more fd for this client).

@@ -12,7 +12,7 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from protocol import NEED_DATA
 from protocol.reply_scan import Frame, ReplyError, ReplyScanner
@@ -69,7 +69,7 @@ class Place:
 
     def stream_in(self, raw: bytes) -> int:
         """Hold one more pub/sub frame; returns the bytes now held."""
-        self.stream.append(raw)  # type: ignore[union-attr]
+        self.stream.append(raw)  # type: ignore[union-attr]  # streaming mode: stream is set
         self.stream_bytes += len(raw)
         return self.stream_bytes
 
@@ -164,18 +164,18 @@ class NodeLink(RedisSide):
             self.unsent = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream protocol: create_server/create_connection
         limit = self.client.server_state.buffer_limit
-        self.transport.set_write_buffer_limits(high=limit)  # type: ignore[union-attr]
+        self.transport.set_write_buffer_limits(high=limit)
         if self._waiting > limit:
             self.client.link_full(self, False)  # before the write below, which may pause it again
         self._waiting = 0
         if self._early:
-            self.transport.write(b"".join(self._early))  # type: ignore[union-attr]
+            self.transport.write(b"".join(self._early))
             self._early = []
             self.unsent = 0
         if self.client.writes_paused:
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         scanner = self._scanner

@@ -39,11 +39,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import hiredis
 
 from protocol import NEED_DATA, ProtocolError, RequestParser, replies
+from protocol.commands import encode_command
 from protocol.reply_scan import Frame
 from proxy.cluster import routes
 from proxy.cluster.links import NodeLink, Place, Resend, Sent, Tx
@@ -106,8 +107,8 @@ class ClusterClientConnection(asyncio.Protocol):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=self.server_state.buffer_limit)  # type: ignore[union-attr]
+        stream = self.transport = cast(asyncio.Transport, transport)  # a stream protocol: create_server/create_connection
+        stream.set_write_buffer_limits(high=self.server_state.buffer_limit)
         if not self.server_state.admit(self):
             self._close_with("ERR max number of clients reached")
 
@@ -179,7 +180,7 @@ class ClusterClientConnection(asyncio.Protocol):
     def command(self, args: list[bytes]) -> None:
         """Route one client command (``args[0]`` its name, as sent)."""
         if self.streaming is not None:
-            self.streaming.write(routes.encode_command(*args))  # subscribed: a plain pipe to that node
+            self.streaming.write(encode_command(*args))  # subscribed: a plain pipe to that node
             return
         routes.dispatch(self, args)
 

@@ -74,11 +74,11 @@ def dispatch(c: Client, args: list[bytes]) -> None:
     if keys is UNKNOWN or not keys:
         _keyless(c, args, name)
         return
-    slot = key_slot(keys[0])  # type: ignore[index]
-    for key in keys[1:]:  # type: ignore[index]
+    slot = key_slot(keys[0])  # type: ignore[index]  # keys_of() gave a non-empty list for a keyed command
+    for key in keys[1:]:  # type: ignore[index]  # keys_of() gave a non-empty list for a keyed command
         if key_slot(key) != slot:
             if name in SPLIT and c.tx in (Tx.NONE, Tx.WATCHING):
-                _split(c, args, name, keys)  # type: ignore[arg-type]
+                _split(c, args, name, keys)  # type: ignore[arg-type]  # keys_of() gave a non-empty list for a keyed command
             else:
                 _crossslot(c)
             return
@@ -102,7 +102,7 @@ def _keyed(c: Client, args: list[bytes], slot: int, name: bytes) -> None:
         _crossslot(c)
         return
     c.tx_slot = slot
-    c.tx_link.send(Sent(encode_command(*args), c.place(), slot=slot, follow=False))  # type: ignore[union-attr]
+    c.tx_link.send(Sent(encode_command(*args), c.place(), slot=slot, follow=False))  # type: ignore[union-attr]  # Tx.PINNED: tx_link is set
 
 
 def _in_tx(c: Client, args: list[bytes]) -> bool:
@@ -120,7 +120,7 @@ def _in_tx(c: Client, args: list[bytes]) -> bool:
                 f"{c.server_state.buffer_limit} bytes held); it is aborted"))
         return True
     if tx is Tx.PINNED:
-        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]  # Tx.PINNED: tx_link is set
         return True
     return False
 
@@ -194,7 +194,7 @@ def _multi(c: Client, args: list[bytes], name: bytes) -> None:
         return
     if c.tx is Tx.WATCHING:
         c.tx = Tx.PINNED
-        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]  # Tx.PINNED: tx_link is set
     else:
         c.tx = Tx.QUEUED  # MULTI always succeeds here: answered now, sent with the first key
         c.hold(Sent(encode_command(*args), None, callback=_ignore, follow=False))
@@ -215,7 +215,7 @@ def _exec(c: Client, args: list[bytes], name: bytes) -> None:
             link.send(Sent(encode_command(*args), c.place(), follow=False))
         c.tx_reset()
     elif c.tx is Tx.WATCHING:
-        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]  # Tx.PINNED: tx_link is set
     else:
         _keyless(c, args)
 
@@ -235,7 +235,7 @@ def _watch(c: Client, args: list[bytes], name: bytes) -> None:
 
 def _unwatch(c: Client, args: list[bytes], name: bytes) -> None:
     if c.tx is Tx.WATCHING:
-        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]
+        c.tx_link.send(Sent(encode_command(*args), c.place(), follow=False))  # type: ignore[union-attr]  # Tx.PINNED: tx_link is set
         c.tx_reset()
     else:
         _keyless(c, args)

@@ -13,6 +13,8 @@ refresh lands.
 
 from __future__ import annotations
 
+from typing import cast
+
 import asyncio
 import logging
 import time
@@ -57,15 +59,18 @@ class SlotMap:
         replicas: list[Address] = []
         ids: dict[Address, str] = {}
         for entry in reply:
-            start, end, master, *others = entry
-            address = _address(master)  # type: ignore[arg-type]
-            for slot in range(int(start), int(end) + 1):  # type: ignore[call-overload]
+            # [start, end, [host, port, id, ...] of the master, the same of each replica]
+            start, end = int(cast(int, entry[0])), int(cast(int, entry[1]))
+            nodes = [cast("list[object]", node) for node in entry[2:]]
+            address = _address(nodes[0])
+            for slot in range(start, end + 1):
                 owners[slot] = address
-            first_slot[address] = min(first_slot.get(address, SLOTS), int(start))  # type: ignore[call-overload]
-            replicas += [_address(node) for node in others]  # type: ignore[arg-type]
-            for node in (master, *others):
-                if len(node) > 2 and isinstance(node[2], bytes):  # type: ignore[arg-type]
-                    ids[_address(node)] = node[2].decode()  # type: ignore[index]
+            first_slot[address] = min(first_slot.get(address, SLOTS), start)
+            replicas += [_address(node) for node in nodes[1:]]
+            for node in nodes:
+                node_id = node[2] if len(node) > 2 else None
+                if isinstance(node_id, bytes):
+                    ids[_address(node)] = node_id.decode()
         masters = tuple(sorted(first_slot, key=first_slot.__getitem__))
         return cls(tuple(owners), masters, tuple(dict.fromkeys(replicas)), tuple(ids.items()))
 
@@ -82,7 +87,7 @@ class SlotMap:
 
 def _address(node: list[object]) -> Address:
     host = node[0].decode() if isinstance(node[0], bytes) else str(node[0])
-    return host, int(node[1])  # type: ignore[call-overload]
+    return host, int(cast("int | bytes", node[1]))
 
 
 def parse_address(text: bytes) -> Address:

@@ -63,8 +63,8 @@ import contextlib
 import importlib.metadata
 import inspect
 import logging
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, SupportsIndex
 
 import aiormq
 from aiormq import spec
@@ -150,7 +150,7 @@ class _TimedReader(asyncio.StreamReader):
         self._time = loop.time
         self.last_rx = loop.time()
 
-    def feed_data(self, data: bytes) -> None:
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:  # the stub's type; it gets bytes
         self.last_rx = self._time()
         super().feed_data(data)
 
@@ -167,6 +167,7 @@ class _Transports(aiormq.TransportFactory):
         reader = _TimedReader(loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
+            assert url.host is not None and url.port is not None  # the settings always give both
             transport, _ = await loop.create_connection(lambda: protocol, url.host, url.port)
         except OSError as exc:
             raise aiormq.AMQPConnectionError(*exc.args) from exc
@@ -186,14 +187,16 @@ class _ConfirmChannel(aiormq.Channel):
 
     async def _on_confirm_frame(self, frame: ConfirmationFrameType) -> None:
         if self.listener is not None:
-            self.listener.on_confirm(frame.delivery_tag, frame.multiple, isinstance(frame, spec.Basic.Nack))
+            # pamqp types delivery_tag as optional; a broker's ack or nack always carries one.
+            multiple = bool(getattr(frame, "multiple", False))  # Basic.Reject has no "multiple"
+            self.listener.on_confirm(frame.delivery_tag or 0, multiple, isinstance(frame, spec.Basic.Nack))
 
     async def _on_return_frame(self, frame: spec.Basic.Return) -> None:
         header = await self._get_frame()  # read the content even when nobody listens
-        message = await self._read_content(frame, header)  # type: ignore[arg-type]
+        message = await self._read_content(frame, header)  # type: ignore[arg-type]  # aiormq types the header as ContentHeader; _get_frame() is typed as any frame
         if self.listener is not None:
             message_id = message.header.properties.message_id or ""
-            self.listener.on_return(message_id.encode(), frame.reply_code, frame.reply_text)
+            self.listener.on_return(message_id.encode(), frame.reply_code or 0, frame.reply_text or "")
 
 
 _background: set[asyncio.Task[None]] = set()  # closes after an abort, kept until they end

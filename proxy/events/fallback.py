@@ -261,7 +261,7 @@ class FallbackList:
             entry, length = await self._checked([(b"LINDEX", self.key, last), (b"LLEN", self.key)])
             if length == self.length and entry == dump_entry(events[-1]):
                 self.mirror_reads += 1
-                return events
+                return list[Event | None](events)
             epoch = self.epoch
             self._check(length)
             if self.epoch != epoch:

@@ -107,8 +107,9 @@ class NodeSource(KeyspaceSource):
         if kind is _Push:
             if reply[0] == b"pmessage":
                 channel = reply[2]
-                parsed = self._channels.get(channel, False)
-                if parsed is False:
+                if channel in self._channels:
+                    parsed = self._channels[channel]
+                else:
                     if len(self._channels) >= 4096:
                         self._channels.clear()
                     parsed = self._channels[channel] = parse_channel(channel)

@@ -303,7 +303,7 @@ class EventService:
     def on_ready(self) -> None:
         self.pipeline.on_ready()
 
-    def on_settled(self, confirmed: list, failed: list) -> None:  # type: ignore[type-arg]
+    def on_settled(self, confirmed: list, failed: list) -> None:  # type: ignore[type-arg]  # the publisher's batches, typed in publisher.py
         self.pipeline.on_settled(confirmed, failed)
 
     # ---- notify-keyspace-events ------------------------------------------------------------

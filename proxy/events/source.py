@@ -125,8 +125,9 @@ class KeyspaceSource:
             return
         if reply[0] == b"pmessage":
             channel = reply[2]
-            parsed = self._channels.get(channel, False)
-            if parsed is False:
+            if channel in self._channels:
+                parsed = self._channels[channel]
+            else:
                 if len(self._channels) >= CHANNEL_CACHE_LIMIT:
                     self._channels.clear()
                 parsed = self._channels[channel] = parse_channel(channel)
