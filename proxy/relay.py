@@ -264,6 +264,9 @@ class ClientConnection(asyncio.Protocol):
             upstream.transport.write_eof()
         else:
             upstream.close()
+        # Nothing more may be written (uvloop raises after write_eof): a barrier that completes
+        # later, or a shutdown, sends nowhere; Redis closes once it has answered.
+        self._up_write = _nowhere
 
     def _fail(self, message: str | None) -> None:
         self.mode = Mode.CLOSING
@@ -718,7 +721,7 @@ class ClientConnection(asyncio.Protocol):
         self._held_bytes = 0
         if self.upstream is None:
             self._fail(None)
-        elif self.mode in (Mode.FAST, Mode.EXACT) and self.barrier is None:
+        elif self.mode in (Mode.FAST, Mode.EXACT) and self.barrier is None and not self._eof_sent:
             self._start_barrier(None, drain=True)
 
     def _refuse_and_close(self, message: str) -> None:

@@ -349,3 +349,15 @@ def test_an_inline_command_of_ours_over_the_limit_is_refused(pair) -> None:  # t
     _, _, proxy = pair
     got = exchange(proxy.port, [b"key_evt_amqp.keymask_add " + b"m" * 70_000 + b"\r\n"], idle=1.0)
     assert got == (b"-ERR Protocol error: key_evt_amqp command too long\r\n", True)
+
+
+def test_sigterm_after_a_client_half_closed_exits_cleanly() -> None:
+    # A client that ended its input just before the shutdown: no drain barrier is written to a
+    # Redis connection whose write side is closed (uvloop raised, and the exit code was 1).
+    with RedisServer() as server, ProxyProcess(server.url, ("--amqp", unreachable_amqp_url())) as proxy:
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.sendall(encode_command("BLPOP", "never", "0"))
+        wait_for(lambda: server.client().info("clients")["blocked_clients"] == 1, timeout=5)
+        sock.shutdown(socket.SHUT_WR)
+        assert proxy.stop() == 0, proxy.log_text()[-3000:]
+        sock.close()

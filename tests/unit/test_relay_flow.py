@@ -63,3 +63,39 @@ def test_input_while_connecting_stops_at_the_buffer_limit() -> None:
         delivered += len(chunk)
     assert not transport.reading, f"still reading after {delivered} bytes"
     assert delivered <= server.buffer_limit + len(chunk)
+
+
+class StrictUpstream:
+    """An upstream transport that raises on a write after write_eof(), as uvloop's does."""
+
+    def __init__(self) -> None:
+        self.eof = False
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if self.eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        self.out.append(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+
+def test_nothing_is_written_upstream_after_the_end_of_input() -> None:
+    server = FakeServer()
+    client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
+    transport = UvloopLikeTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    upstream = StrictUpstream()
+    client.upstream = type("U", (), {"transport": upstream, "keep_spare": lambda self: None})()  # type: ignore[assignment]
+    client._up_write = upstream.write
+    client._pauses.clear()
+    client.data_received(b"*3\r\n$5\r\nBLPOP\r\n$1\r\nk\r\n$1\r\n0\r\n")
+    assert client.eof_received() is True
+    assert upstream.eof
+    client.shut_down()  # SIGTERM: no drain barrier on a closed write side (it raised before)
+    client.data_received(b"*1\r\n$4\r\nPING\r\n")  # nothing more reaches Redis either
+    assert b"".join(upstream.out) == b"*3\r\n$5\r\nBLPOP\r\n$1\r\nk\r\n$1\r\n0\r\n"
