@@ -31,7 +31,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol import barrier, replies
 from protocol.barrier import Probe
@@ -42,8 +42,21 @@ from protocol.keymask import add_masks
 from proxy.settings import ConfigError, apply_module_args
 
 if TYPE_CHECKING:
-    from proxy.relay import ClientConnection
     from proxy.runtime import Runtime
+
+
+class BarrierOwner(Protocol):
+    """What a :class:`Barrier` needs of the client connection that owns it (proxy/relay.py's
+    ClientConnection): a Protocol, so that this module does not import the relay."""
+
+    transport: asyncio.Transport | None
+    in_multi: bool
+    resp3: bool
+    runtime: Runtime
+
+    def inject(self, data: bytes) -> None: ...
+
+    def barrier_done(self, reply: bytes, *, close: bool = False) -> None: ...
 
 log = logging.getLogger("key_evt_amqp.admin")
 
@@ -58,7 +71,7 @@ class Barrier:
 
     def __init__(
         self,
-        client: ClientConnection,
+        client: BarrierOwner,
         args: list[bytes] | None,
         *,
         error: str = "",
