@@ -66,6 +66,7 @@ from pathlib import Path
 
 import hiredis
 
+from protocol.commands import encode_command
 from tests.harness import HOST, ProxyProcess, RedisServer, free_port, port_accepts, unreachable_amqp_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,12 +79,7 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def enc(*args: bytes | str | int) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+enc = encode_command  # the proxy's own request encoder (protocol.commands)
 
 
 # -- the processes ---------------------------------------------------------------------------------
