@@ -347,16 +347,22 @@ def exchange(port: int, chunks: Sequence[bytes], *, half_close: bool = False, id
             sock.sendall(chunk)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(idle)
-        received = bytearray()
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-            return bytes(received), True
-        except ConnectionResetError:
-            return bytes(received), True
-        except TimeoutError:
-            return bytes(received), False
+        return read_until_closed(sock, idle)
+
+
+def read_until_closed(sock: socket.socket, idle: float, received: bytes = b"") -> tuple[bytes, bool]:
+    """``received`` and everything the peer sends after it until it closes (True: EOF or reset)
+    or stays silent for ``idle`` seconds (False)."""
+    data = bytearray(received)
+    sock.settimeout(idle)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+        return bytes(data), True
+    except ConnectionResetError:
+        return bytes(data), True
+    except TimeoutError:
+        return bytes(data), False
 
 
 class ErrorReply(bytes):
@@ -452,17 +458,9 @@ class RawClient:
 
     def read_until_closed(self, timeout: float = 5.0) -> tuple[bytes, bool]:
         """Everything the peer sends until it closes: (bytes, closed?). Not closed means ``timeout`` passed."""
-        data = bytearray(self._buf)
+        received = bytes(self._buf)
         self._buf.clear()
-        self.sock.settimeout(timeout)
-        try:
-            while chunk := self.sock.recv(65536):
-                data += chunk
-            return bytes(data), True
-        except ConnectionResetError:
-            return bytes(data), True
-        except TimeoutError:
-            return bytes(data), False
+        return read_until_closed(self.sock, timeout, received)
 
     def is_closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True when the peer closes (EOF or reset) within ``timeout``, ignoring bytes it sends first."""

@@ -5,46 +5,17 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from proxy.config import Config
+from fakes import FakeServer, FakeTransport
 from proxy.relay import READ_BUDGET, ClientConnection
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.reading = True
-
-    def write(self, data: bytes) -> None: ...
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def set_write_buffer_limits(self, high: int) -> None: ...
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None: ...
-
-
-class Server:
-    buffer_limit = 8 * 1024 * 1024
-    runtime = SimpleNamespace(config=Config())
-
-    def admit(self, client: ClientConnection) -> bool:
-        return True
-
-    def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        coro.close()
 
 
 async def relay(reads: list[bytes], *, hold_first: bool) -> tuple[bytes, int]:
     """Feed the reads (all held first, as while connecting, or one by one); what Redis got, and
     the most bytes parsed in one iteration."""
     out: list[bytes] = []
-    server = Server()
+    server = FakeServer(buffer_limit=8 * 1024 * 1024)
     client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
-    transport = Transport()
+    transport = FakeTransport()
     client.connection_made(transport)  # type: ignore[arg-type]
     client.upstream = SimpleNamespace(keep_spare=lambda: None)  # type: ignore[assignment]
     client._up_write = out.append

@@ -1,58 +1,16 @@
-"""Flow control of one client connection, with a transport that behaves as uvloop's does."""
+"""Flow control of one client connection, with a transport that behaves as uvloop's does
+(tests/fakes.py)."""
 
 from __future__ import annotations
 
-from proxy.config import Config
+from fakes import FakeServer, FakeTransport
 from proxy.relay import ClientConnection, Pause
 
 
-class UvloopLikeTransport:
-    """uvloop starts reading only after ``connection_made`` returns, so a pause asked for inside it
-    is lost; afterwards pause_reading() takes effect."""
-
-    def __init__(self) -> None:
-        self.reading = False
-        self.started = False
-        self.out: list[bytes] = []
-
-    def start(self) -> None:
-        self.started = self.reading = True
-
-    def pause_reading(self) -> None:
-        if self.started:
-            self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def set_write_buffer_limits(self, high: int) -> None: ...
-
-    def is_closing(self) -> bool:
-        return False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def close(self) -> None: ...
-
-
-class FakeServer:
-    buffer_limit = 64 * 1024
-
-    def __init__(self) -> None:
-        self.runtime = type("R", (), {"config": Config()})()
-
-    def admit(self, client: ClientConnection) -> bool:
-        return True
-
-    def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        coro.close()  # the upstream connection never opens: the client stays paused
-
-
 def test_input_while_connecting_stops_at_the_buffer_limit() -> None:
-    server = FakeServer()
+    server = FakeServer(buffer_limit=64 * 1024)
     client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
-    transport = UvloopLikeTransport()
+    transport = FakeTransport(started=False)  # as uvloop's: a pause in connection_made is lost
     client.connection_made(transport)  # type: ignore[arg-type]
     transport.start()
     assert Pause.CONNECTING in client._pauses
@@ -85,9 +43,9 @@ class StrictUpstream:
 
 
 def test_nothing_is_written_upstream_after_the_end_of_input() -> None:
-    server = FakeServer()
+    server = FakeServer(buffer_limit=64 * 1024)
     client = ClientConnection(server, server.runtime)  # type: ignore[arg-type]
-    transport = UvloopLikeTransport()
+    transport = FakeTransport()
     client.connection_made(transport)  # type: ignore[arg-type]
     upstream = StrictUpstream()
     client.upstream = type("U", (), {"transport": upstream, "keep_spare": lambda self: None})()  # type: ignore[assignment]
