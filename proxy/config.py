@@ -66,6 +66,8 @@ class Config:
     # Publisher tuning.
     publish_window: int = 20_000  # messages in flight (and held while connecting) before spilling to the fallback list
     publish_timeout: float = 5 * SECONDS
+    # Fleet: events a standby keeps per stream since the last done checkpoint (docs/fleet.md).
+    standby_buffer: int = 100_000
     connect_timeout: float = 5 * SECONDS
 
     # Client side limits.

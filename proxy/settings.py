@@ -266,6 +266,9 @@ _OPTIONS = {
                 None, lambda c: "none", None),
         _Option("publish-window", "N", "messages in flight before events spill to the fallback",
                 _field("publish_window", _positive_int), _shown("publish_window")),
+        _Option("standby-buffer", "N", "events a standby instance keeps per stream for a takeover "
+                "(past it the oldest are dropped; a takeover then starts with a gap marker)",
+                _field("standby_buffer", _positive_int), _shown("standby_buffer")),
         _Option("publish-timeout", "SECONDS", "wait for a publisher confirm before giving up",
                 _field("publish_timeout", _seconds), _shown("publish_timeout")),
         _Option("connect-timeout", "SECONDS", "connecting to Redis or RabbitMQ",

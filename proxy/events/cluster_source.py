@@ -45,10 +45,11 @@ SLOW_POLL = 1.0  # seconds between map refreshes otherwise
 FLAGS_INTERVAL = 5.0  # seconds between checks of notify-keyspace-events on every node
 
 Headers = tuple[tuple[bytes, bytes], ...]
-#: ``(db, event name, key, headers, encoded headers)``: one event a master emitted, certified
-OnEvent = Callable[[int, bytes, bytes, Headers, bytes], None]
-#: ``(start_ms, end_ms, source node, headers)``: a shard's events in that window may be lost
-OnGap = Callable[[int, int, bytes, Headers], None]
+#: ``(db, event name, key, headers, encoded headers, source)``: one event a master emitted, certified
+OnEvent = Callable[[int, bytes, bytes, Headers, bytes, NodeSource], None]
+#: ``(start_ms, end_ms, source node, headers, the new master's source)``: a shard's events in that
+#: window may be lost
+OnGap = Callable[[int, int, bytes, Headers, "NodeSource | None"], None]
 #: ``(summary, error)``: notify-keyspace-events as the nodes have it now, and what went wrong
 OnFlags = Callable[[str, str], None]
 
@@ -78,8 +79,10 @@ class ClusterSources:
     """
 
     def __init__(self, topology: Topology, upstream: RedisAddress, live: LiveConfig, *,
-                 on_event: OnEvent, on_gap: OnGap, on_flags: OnFlags) -> None:
+                 on_event: OnEvent, on_gap: OnGap, on_flags: OnFlags,
+                 on_retire: Callable[[NodeSource], None] = lambda source: None) -> None:
         self.topology = topology
+        self.on_retire = on_retire
         self.upstream = upstream
         self.live = live
         self.on_event = on_event
@@ -200,7 +203,7 @@ class ClusterSources:
         source: NodeSource
 
         def on_event(db: int, name: bytes, key: bytes) -> None:
-            self.on_event(db, name, key, source.headers, source.extra)
+            self.on_event(db, name, key, source.headers, source.extra, source)
 
         def on_gap(start: int, end: int) -> None:
             self._publish_gap(start, end, address, source.node_id, source.shard, address)
@@ -232,6 +235,7 @@ class ClusterSources:
         source = self.sources.pop(address)
         # stop reading at once; nothing more of this node reaches the pipeline
         source.demoted = True
+        self.on_retire(source)
         if source._link is not None:
             source._link.abort()
         self._retired.append(source)
@@ -276,7 +280,7 @@ class ClusterSources:
         entry["to"] = node_name(new)
         headers = ((b"node", node_name(old).encode()), (b"node_id", node_id.encode()),
                    (b"shard", shard.encode()), (b"new_node", node_name(new).encode()))
-        self.on_gap(start, end, node_name(old).encode(), headers)
+        self.on_gap(start, end, node_name(old).encode(), headers, self.sources.get(new))
 
     # ---- notify-keyspace-events on every node ----------------------------------------------------
 

@@ -24,7 +24,6 @@ list's length is checked against what we know we left there before anything else
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -36,8 +35,9 @@ import hiredis
 
 from proxy.config import RedisAddress
 from proxy.events.errors import LinkError
+from proxy.events.fencing import fenced
 from proxy.events.message import Event, dump_entry, load_entry
-from proxy.events.redis_link import RedisLink, open_link
+from proxy.events.redis_link import LocatedLink
 
 __all__ = ["FallbackList"]
 
@@ -64,63 +64,58 @@ class FallbackList:
                  locate: Callable[[], RedisAddress] | None = None,
                  on_moved: Callable[[str], None] | None = None,
                  on_lost: Callable[[int, int, int], Event | None] | None = None) -> None:
-        self.address = address
         self.key = key
         self.connect_timeout = connect_timeout
         #: cluster mode: where the key's slot lives now (asked before each operation), and who
         #: hears about a ``MOVED`` (the topology)
         self.locate = locate
+        self.link = LocatedLink(address, connect_timeout, locate)
         self.on_moved = on_moved
         #: the list vanished under us: the marker standing for ``count`` lost events (or None)
         self.on_lost = on_lost
         #: the list changed under us: positions read before are void (called before any repair);
         #: set by the list's one reader, the :class:`~proxy.events.pipeline.Pipeline`
         self.on_reset: Callable[[], None] | None = None
+        #: a fleet's forwarder: ``() -> (lease key, holder)``; every list command then runs in a
+        #: script that checks the lease first, so a deposed forwarder cannot touch the list
+        self.fence: Callable[[], tuple[bytes, bytes] | None] = lambda: None
         self.length = 0  # as of the last operation
         self.cap = 0  # as of the last push (restoring keeps within it)
         self.mirror_reads = 0
         self.lost = 0  # elements that vanished and could not be written back
         self.restored = 0  # events written back after they vanished
         self.epoch = 0  # +1 whenever the list changed under us
-        self.last_op = 0.0  # time.monotonic() of the last round trip
         self._head_ms: int | None = None  # timestamp of the oldest element, when known
         self._repair: tuple[bool, list[Event], int] | None = None  # (at the front?, events, restored)
         self._mirror: deque[Event] = deque()
-        self._link: RedisLink | None = None
-        self._connecting: asyncio.Lock | None = None
 
-    async def _ensure(self) -> RedisLink:
-        if self.locate is not None:
-            address = self.locate()
-            if address != self.address:  # the slot's master changed (failover, migration)
-                self.address = address
-                if self._link is not None:
-                    self._link.close()
-        if self._link is not None and not self._link.closed:
-            return self._link
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._link is None or self._link.closed:
-                self._link = await open_link(self.address, self.connect_timeout)
-        return self._link
+    @property
+    def address(self) -> RedisAddress:
+        return self.link.address
+
+    @property
+    def last_op(self) -> float:
+        """time.monotonic() of the last round trip"""
+        return self.link.last_op
 
     async def run(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies (errors as values)."""
-        link = await self._ensure()
-        self.last_op = time.monotonic()
-        return await link.request(commands, OP_TIMEOUT)
+        return await self.link.run(commands, OP_TIMEOUT)
 
     async def _checked(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[Any]:
-        replies = await self.run(commands)
+        fence = self.fence()
+        if fence is None:
+            replies = await self.run(commands)
+        else:
+            (reply,) = await self.run([fenced(fence[0], fence[1], [self.key], commands)])
+            replies = reply if isinstance(reply, list) else [reply]
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 self._mirror.clear()
                 text = str(reply)
                 if text.startswith(("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "READONLY")):
                     # cluster mode: the slot is elsewhere now; reconnect where the map says
-                    if self._link is not None:
-                        self._link.close()
+                    self.link.reconnect()
                     if self.on_moved is not None:
                         self.on_moved(text)
                 raise LinkError(f"Redis refused a fallback list command: {reply}")
@@ -310,5 +305,4 @@ class FallbackList:
         return self.length
 
     def close(self) -> None:
-        if self._link is not None:
-            self._link.close()
+        self.link.close()

@@ -66,7 +66,7 @@ class Event:
     mode), ``extra`` the same pairs already encoded as AMQP table entries (:func:`encode_headers`).
     """
 
-    __slots__ = ("message_id", "timestamp_ms", "db", "name", "body", "gap", "headers", "extra")
+    __slots__ = ("message_id", "timestamp_ms", "db", "name", "body", "gap", "headers", "extra", "seq")
 
     def __init__(self, message_id: bytes, timestamp_ms: int, db: int, name: bytes, body: bytes,
                  gap: tuple[int, int] | None = None,
@@ -79,6 +79,7 @@ class Event:
         self.gap = gap
         self.headers = headers
         self.extra = encode_headers(headers) if extra is None else extra
+        self.seq = 0  # the pipeline's count when it accepted the event (0: never accepted)
 
     @classmethod
     def keyspace(cls, message_id: bytes, timestamp_ms: int, db: int, name: bytes, key: bytes,

@@ -29,7 +29,8 @@ from proxy.config import RedisAddress
 from proxy.events.errors import LinkError
 from proxy.events.message import encode_headers
 from proxy.events.redis_link import RedisLink, open_link
-from proxy.events.source import PATTERN, KeyspaceSource, SourceState, now_ms, parse_channel
+from proxy.events.source import KeyspaceSource, SourceState, now_ms, parse_channel
+from proxy.events.stream import MARKER_CHANNEL, MARKER_DB
 
 __all__ = ["NodeSource", "node_name"]
 
@@ -59,6 +60,7 @@ class NodeSource(KeyspaceSource):
                  prepare: Callable[[RedisLink], Awaitable[None]] | None = None) -> None:
         super().__init__(address, connect_timeout, on_event, on_gap, on_subscribed, prepare)
         self.on_trouble = on_trouble
+        self.fleet_stream: object = None  # the fleet's Stream of this master (events/fleet.py)
         self.created_ms = now_ms()
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
         self.extra = b""
@@ -117,10 +119,18 @@ class NodeSource(KeyspaceSource):
                     self._held.append((parsed[0], parsed[1], reply[3]))
                     if not self._probe_out:
                         self._probe()
+            elif reply[0] == b"message":
+                if reply[1] == MARKER_CHANNEL:  # a fleet checkpoint: held in its place, as events
+                    self._held.append((MARKER_DB, b"", reply[2]))
+                    if not self._probe_out:
+                        self._probe()
             elif reply[0] == b"psubscribe":
                 self.state = SourceState.SUBSCRIBED
                 if not self._probe_out:
                     self._probe()
+            elif reply[0] == b"subscribe":
+                self._marker_sub_pending = False
+                self.markers_refused = ""
             elif reply[0] == b"pong":
                 self._last_pong = time.monotonic()
         elif kind is list:  # the ROLE reply
@@ -131,6 +141,8 @@ class NodeSource(KeyspaceSource):
                 self._demoted(reply)
         elif kind is bytes:  # +PONG
             self._last_pong = time.monotonic()
+        elif self._marker_refused(reply):
+            pass
         else:  # an error reply: PSUBSCRIBE or ROLE refused
             self._probe_out = False
             self._note_error(f"Redis refused the subscription or ROLE: {reply}")
@@ -212,7 +224,7 @@ class NodeSource(KeyspaceSource):
                 if isinstance(hello, hiredis.ReplyError):
                     link.close()
                     raise LinkError(f"HELLO 3 refused (Redis 6 or later is needed in cluster mode): {hello}")
-                link.send_unanswered("PSUBSCRIBE", PATTERN)
+                self._subscribe(link)
             except LinkError as exc:
                 self._note_error(str(exc))
                 if self._lost_at_ms is None and self.ever_confirmed:

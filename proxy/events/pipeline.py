@@ -118,6 +118,7 @@ class Pipeline:
         self._task: asyncio.Task[None] | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
+        self.seq = 0  # events accepted so far (each event keeps its number: see safe_seq)
         fallback.on_reset = self._list_reset
 
     # ---- hot path ---------------------------------------------------------------------------
@@ -125,6 +126,7 @@ class Pipeline:
     def accept(self, event: Event) -> None:
         """Take one event from the source; never blocks, never raises."""
         self.stats["accepted"] += 1
+        self.seq = event.seq = self.seq + 1
         mode = self.mode
         if mode is Mode.DIRECT:
             if self.publisher.room():
@@ -165,6 +167,18 @@ class Pipeline:
         if connect:
             self.publisher.ensure_connected()
         self._wake.set()
+
+    def safe_seq(self) -> int:
+        """Every event accepted up to this number is confirmed by the broker or stored in the
+        fallback list (the fleet's checkpoints: ``proxy/events/fleet.py``)."""
+        low = self.seq
+        for waiting in (self.hold, self.spill, self.failed_direct):
+            if waiting:
+                low = min(low, waiting[0].seq - 1)
+        first = self.publisher.first_direct_seq() if self.direct_in_flight else 0
+        if first:
+            low = min(low, first - 1)
+        return low
 
     # ---- outcomes from the publisher ------------------------------------------------------
 
@@ -209,7 +223,26 @@ class Pipeline:
     # ---- the pump ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._pump(), name="fallback-pump")
+
+    def abandon(self) -> None:
+        """This instance stopped being the forwarder: forget everything in memory (the new
+        forwarder publishes it from its own copy of the stream) and stop the pump."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.mode = Mode.SPILLING
+        self.spill.clear()
+        self.hold.clear()
+        self.failed_direct = []
+        self.direct_in_flight = 0
+        self.batches.clear()
+        self.abandoned_outstanding = 0
+        self.list_known_empty = False
+        self._retry_at = 0.0
 
     async def _pump(self) -> None:
         delay = RETRY_MIN
@@ -406,8 +439,9 @@ class Pipeline:
         if self.mode is not Mode.SPILLING:
             self._start_spilling(connect=False)
 
-    async def stop(self, timeout: float) -> None:
-        """Stop the pump and write everything not confirmed to the list (bounded by ``timeout``)."""
+    async def stop(self, timeout: float) -> bool:
+        """Stop the pump and write everything not confirmed to the list (bounded by ``timeout``).
+        True when nothing accepted is left unsafe."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -420,6 +454,8 @@ class Pipeline:
         except (LinkError, asyncio.TimeoutError) as exc:
             lost = len(self.spill) + len(self.failed_direct)
             log.error("shutdown: could not store %d event(s) in the fallback list: %s", lost, exc)
+            return False
+        return not (self.spill or self.failed_direct or self.direct_in_flight)
 
     def _note_error(self, message: str) -> None:
         self.last_error, self.last_error_ms, self.last_error_current = message, now_ms(), True

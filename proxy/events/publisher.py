@@ -24,6 +24,7 @@ import enum
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from yarl import URL
@@ -101,6 +102,11 @@ class AmqpPublisher:
         self._watchdog: asyncio.Task[None] | None = None
         self._lost: asyncio.Future[None] | None = None
         self._rlog = RateLimitedLog(log)
+        #: checked before each write to the broker: a fleet's forwarder that lost its lease
+        #: writes nothing more (``proxy/events/fleet.py``)
+        self.may_publish: Callable[[], bool] = lambda: True
+        self.fenced_writes = 0  # writes not made because the lease was not surely ours
+        self.written = 0  # messages written to the broker's socket (publishes that left)
         live.subscribe(self._config_changed)
 
     # ---- state and capacity ---------------------------------------------------------------
@@ -151,7 +157,29 @@ class AmqpPublisher:
     def _flush(self) -> None:
         out, self._out = self._out, []
         if out and self._link is not None:
+            if not self.may_publish():
+                # Not sent; the connection goes (the broker's delivery tags would no longer match
+                # ours) and what is in flight fails to the sink, whose list writes are fenced too.
+                self.fenced_writes += 1
+                self._drop("the fleet lease is not surely ours: nothing more is published")
+                return
             self._link.write(b"".join(out))
+            self.written += len(out)
+
+    def first_direct_seq(self) -> int:
+        """The pipeline number of the oldest unconfirmed event published directly (0: none)."""
+        for event, batch, _, _ in self._pending:
+            if batch is None:
+                return event.seq
+        return 0
+
+    def abandon(self) -> None:
+        """Forget every message in flight without telling the sink (the fleet's forwarder lost
+        its lease: someone else publishes them); the connection is dropped and reopened."""
+        self._pending.clear()
+        self._out.clear()
+        if self._link is not None:
+            self._drop("no longer the forwarder")
 
     def _on_confirm(self, tag: int, multiple: bool, nack: bool) -> None:
         if tag < self._first_tag or not self._pending:

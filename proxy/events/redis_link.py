@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -25,7 +26,7 @@ from proxy.connect import open_redis
 from proxy.events.errors import LinkError
 from proxy.ratelog import RateLimitedLog
 
-__all__ = ["RedisLink", "open_link"]
+__all__ = ["LocatedLink", "RedisLink", "open_link"]
 
 #: A reply may be as large as a key (512 MB in theory); hiredis buffers it. Our commands only read
 #: lists of events and short strings, so this is the limit of one unread reply stream.
@@ -160,3 +161,48 @@ async def open_link(address: RedisAddress, timeout: float, *, select_db: bool = 
                 link.close()
                 raise LinkError(f"Redis refused AUTH/SELECT on {address.masked_url()}: {reply}")
     return link
+
+
+class LocatedLink:
+    """A command link that reconnects on demand, to wherever ``locate()`` says (cluster mode: the
+    master of one slot now; otherwise always ``address``). The fallback list and the fleet's
+    lease each have one."""
+
+    def __init__(self, address: RedisAddress, connect_timeout: float,
+                 locate: Callable[[], RedisAddress] | None = None) -> None:
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.locate = locate
+        self.last_op = 0.0  # time.monotonic() of the last round trip
+        self._link: RedisLink | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _ensure(self) -> RedisLink:
+        if self.locate is not None:
+            address = self.locate()
+            if address != self.address:  # the slot's master changed (failover, migration)
+                self.address = address
+                if self._link is not None:
+                    self._link.close()
+        if self._link is not None and not self._link.closed:
+            return self._link
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._link is None or self._link.closed:
+                self._link = await open_link(self.address, self.connect_timeout)
+        return self._link
+
+    async def run(self, commands: Sequence[Sequence[bytes | str | int]], timeout: float) -> list[Any]:
+        """Send ``commands`` in one write and return their replies (errors as values)."""
+        link = await self._ensure()
+        self.last_op = time.monotonic()
+        return await link.request(commands, timeout)
+
+    def reconnect(self) -> None:
+        """Drop the connection: the next command opens a new one (where ``locate`` says)."""
+        if self._link is not None:
+            self._link.close()
+
+    def close(self) -> None:
+        self.reconnect()

@@ -17,6 +17,7 @@ guarantees.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from typing import Any
@@ -29,12 +30,15 @@ from proxy.config import Config, RedisAddress
 from proxy.events.cluster_source import ClusterSources
 from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
 from proxy.events.fallback import FallbackList
+from proxy.events.fleet import Fleet, FleetKeys, Role, Stream, gap_for
 from proxy.events.flags import ensure_notify_flags
 from proxy.events.message import Event, IdSource, gap_event
+from proxy.events.node_source import NodeSource
 from proxy.events.pipeline import Pipeline
 from proxy.events.publisher import AmqpPublisher, BrokerState
-from proxy.events.redis_link import RedisLink
+from proxy.events.redis_link import LocatedLink, RedisLink
 from proxy.events.source import KeyspaceSource
+from proxy.events.stream import MARKER_DB, Takeover
 from proxy.live import LiveConfig
 
 __all__ = ["EventService"]
@@ -87,15 +91,25 @@ class EventService:
         self.publisher = AmqpPublisher(live, self)  # the service relays on_ready/on_settled
         self.fallback = self._fallback_list(topology)
         self.pipeline = Pipeline(live, self.publisher, self.fallback)
+        fleet_link = LocatedLink(self.fallback.address, config.connect_timeout, self.fallback.locate)
+        self.fleet = Fleet(FleetKeys(self.fallback.key), self.fallback.key, fleet_link,
+                           listen=f"{config.listen_host}:{config.listen_port}", version=_version(),
+                           promote=self._promote, demote=self._demote, safe_seq=self.pipeline.safe_seq,
+                           accepted_seq=self._accepted_seq, standby_limit=config.standby_buffer)
+        self.fallback.fence = self.fleet.fence
+        self.publisher.may_publish = self.fleet.may_publish
+        self._stream = self.fleet.stream(b"")  # single-node mode: the one stream
+        self.fleet_sources: dict[bytes, NodeSource] = {}  # cluster mode: stream tag -> its source
         self.cluster: ClusterSources | None = None
         self.source: KeyspaceSource | ClusterSources
         if topology is None:
             self.source = KeyspaceSource(self.upstream, config.connect_timeout, self._on_keyspace,
                                          self._on_gap, self._on_subscribed, self._prepare_source)
         else:
+            self.fleet.drop_stream(b"")
             self.source = self.cluster = ClusterSources(
                 topology, self.upstream, live, on_event=self.on_node_keyspace, on_gap=self.publish_gap,
-                on_flags=self.cluster_flags_checked)
+                on_flags=self.cluster_flags_checked, on_retire=self._source_retired)
         self.seen = 0
         self.filtered = 0
         self.own_keys = 0
@@ -151,23 +165,84 @@ class EventService:
     # ---- life-cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Subscribe to Redis and start the fallback pump; the broker connects on the first event."""
+        """Subscribe to Redis and join the fleet: the instance that holds the lease starts the
+        pipeline (``_promote``); the broker connects on the first event."""
         if RESERVED not in self.fallback_key:
             log.warning("the fallback key %r is outside the reserved namespace (names containing %r): "
                         "the list is %r", self.fallback_key, RESERVED, self.fallback.key)
-        await self.pipeline.start()
         await self.source.start()
+        self.fleet.start()
 
     async def stop(self) -> None:
-        """Stop reading Redis, wait (bounded) for confirms, store everything else in the list."""
+        """Hand over to a standby when there is one (``fleet.py``), stop reading Redis, wait
+        (bounded) for confirms, store everything else in the list, give the lease up."""
+        handed_over = await self.fleet.begin_handover()
         await self.source.stop()
-        self.pipeline.hold_for_shutdown()
-        await self.publisher.settle(min(STOP_CONFIRM_GRACE, self.live.current.shutdown_timeout))
-        await self.publisher.disconnect(final=True)
-        await self.pipeline.stop(STOP_STORE_TIMEOUT)
+        all_safe = True
+        if self.fleet.forwarding:
+            self.pipeline.hold_for_shutdown()
+            await self.publisher.settle(min(STOP_CONFIRM_GRACE, self.live.current.shutdown_timeout))
+            await self.publisher.disconnect(final=True)
+            all_safe = await self.pipeline.stop(STOP_STORE_TIMEOUT)
+        else:
+            await self.publisher.disconnect(final=True)
+        await self.fleet.finish(handed_over, all_safe)
         if self._flags_task is not None:
             self._flags_task.cancel()
         self.fallback.close()
+
+    # ---- the fleet --------------------------------------------------------------------------
+
+    def _accepted_seq(self) -> int:
+        return self.pipeline.seq
+
+    def _promote(self, takeovers: list[tuple[Stream, Takeover]]) -> None:
+        """This instance took the lease: publish what each stream's buffer holds after its done
+        marker (behind a gap marker where that cannot be proven), then start the pipeline."""
+        for stream, takeover in takeovers:
+            source = self.fleet_sources.get(stream.tag)
+            headers = source.headers if source is not None else ()
+            gap = gap_for(takeover, self._source_name(source), headers, self._ids.next())
+            if gap is not None:
+                assert gap.gap is not None
+                self._count_gap(*gap.gap)
+                self.pipeline.accept(gap)
+            for event in takeover.events:
+                self.pipeline.accept(event)
+        asyncio.get_running_loop().create_task(self.pipeline.start())
+
+    def _demote(self) -> None:
+        self.pipeline.abandon()
+        self.publisher.abandon()
+
+    def _source_name(self, source: NodeSource | None) -> bytes:
+        address = source.address if source is not None else self.upstream
+        return f"{address.host}:{address.port}".encode()
+
+    def _source_retired(self, source: NodeSource) -> None:
+        stream = source.fleet_stream
+        if isinstance(stream, Stream):
+            stream.live = False
+
+    def _stream_of(self, source: NodeSource) -> Stream:
+        """The fleet's stream of a master (cluster mode): named by its node id, which every
+        instance reads from the same slot map."""
+        stream = source.fleet_stream
+        if stream is None:
+            tag = source.node_id[:12].encode() + b"." if source.node_id else b"%d." % source.address.port
+            stream = source.fleet_stream = self.fleet.stream(tag)
+            self.fleet_sources[stream.tag] = source
+        assert isinstance(stream, Stream)
+        return stream
+
+    def _deliver(self, stream: Stream, event: Event) -> None:
+        """An event or gap marker in ``stream``'s order: the pipeline's if this instance is the
+        forwarder, else the standby buffer's."""
+        if self.fleet.role is Role.FORWARDER:
+            if not stream.ended:
+                self.pipeline.accept(event)
+        else:
+            stream.buffer.add(event)
 
     # ---- commands -----------------------------------------------------------------------------
 
@@ -203,6 +278,8 @@ class EventService:
             "events_own_keys": self.own_keys,
             "events_accepted": s["accepted"],
             "events_published": p.published,
+            "amqp_messages_written": p.written,
+            "amqp_writes_fenced": p.fenced_writes,
             "events_confirmed": p.confirmed,
             "events_nacked": p.nacked,
             "events_returned": p.returned,
@@ -227,7 +304,8 @@ class EventService:
             "source_reconnects": self.source.reconnects,
             "notify_keyspace_events": self.notify_keyspace_events,
             "notify_config_error": self.notify_config_error,
-            **_last_error([p, self.pipeline, *sources]),
+            **_last_error([p, self.pipeline, *sources, self.fleet]),
+            **self.fleet.info(),
             **(self.cluster.info() if self.cluster is not None else {}),
         }
 
@@ -235,12 +313,26 @@ class EventService:
 
     def _on_keyspace(self, db: int, name: bytes, key: bytes) -> None:
         # Hot path: every keyspace event Redis publishes (single-node mode: no node headers).
-        self.on_node_keyspace(db, name, key)
+        self._on_stream_event(self._stream, db, name, key, (), b"")
 
-    def on_node_keyspace(self, db: int, name: bytes, key: bytes,
-                         headers: tuple[tuple[bytes, bytes], ...] = (), extra: bytes = b"") -> None:
-        """One event (in cluster mode from one master: ``headers`` name its ``node`` and
-        ``shard``): filter it by class, mask and own keys, then hand it to the pipeline."""
+    def on_node_keyspace(self, db: int, name: bytes, key: bytes, headers: tuple[tuple[bytes, bytes], ...],
+                         extra: bytes, source: NodeSource) -> None:
+        """One event of a master (cluster mode): ``headers`` name its ``node`` and ``shard``."""
+        stream = source.fleet_stream
+        if stream is None:
+            stream = self._stream_of(source)
+        self._on_stream_event(stream, db, name, key, headers, extra)  # type: ignore[arg-type]
+
+    def _on_stream_event(self, stream: Stream, db: int, name: bytes, key: bytes,
+                         headers: tuple[tuple[bytes, bytes], ...], extra: bytes) -> None:
+        """One message of ``stream``: a fleet marker, or an event to filter by class, mask and
+        own keys and hand to the pipeline (the forwarder) or the standby buffer."""
+        cursor = stream.cursor
+        if db == MARKER_DB:
+            self.fleet.on_marker(stream, key)
+            return
+        cursor.n += 1
+        self.fleet.since_marker += 1
         self.seen += 1
         ok = self._class_ok.get(name)
         if ok is None:
@@ -253,18 +345,30 @@ class EventService:
         if RESERVED in key:  # a fallback list (any instance's): forwarding it would loop
             self.own_keys += 1
             return
-        self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key,
-                                            headers, extra))
+        event = Event.keyspace(cursor.message_id(), int(time.time() * 1000), db, name, key, headers, extra)
+        if self.fleet.role is Role.FORWARDER:
+            if not stream.ended:  # handing over: what follows our marker is the next forwarder's
+                self.pipeline.accept(event)
+        else:
+            stream.buffer.add(event)
 
     def publish_gap(self, start_ms: int, end_ms: int, source: bytes,
-                    headers: tuple[tuple[bytes, bytes], ...]) -> None:
-        """Cluster mode: a gap marker for one shard (``headers`` name the shard and its nodes)."""
-        self.gaps += 1
-        self.gap_ms += end_ms - start_ms
+                    headers: tuple[tuple[bytes, bytes], ...], successor: NodeSource | None) -> None:
+        """Cluster mode: a gap marker for one shard (``headers`` name the shard and its nodes),
+        in the stream of the master whose subscription ends it."""
+        self._count_gap(start_ms, end_ms)
         log.warning("keyspace events of %s between %d and %d (%d ms) may be lost (failover or lost "
                     "subscription); a gap marker follows in the stream", source.decode(), start_ms,
                     end_ms, end_ms - start_ms)
-        self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source, headers))
+        event = gap_event(self._ids.next(), end_ms, start_ms, end_ms, source, headers)
+        if successor is not None:
+            self._deliver(self._stream_of(successor), event)
+        elif self.fleet.role is Role.FORWARDER:
+            self.pipeline.accept(event)
+
+    def _count_gap(self, start_ms: int, end_ms: int) -> None:
+        self.gaps += 1
+        self.gap_ms += end_ms - start_ms
 
     def _fallback_lost(self, count: int, start_ms: int, end_ms: int) -> Event:
         """The fallback list vanished and ``count`` of its elements were not in memory: the gap
@@ -281,12 +385,11 @@ class EventService:
         self.notify_config_error = error
 
     def _on_gap(self, start_ms: int, end_ms: int) -> None:
-        self.gaps += 1
-        self.gap_ms += end_ms - start_ms
+        self._count_gap(start_ms, end_ms)
         log.warning("keyspace events between %d and %d (%d ms) are lost: the subscription to Redis "
                     "was down; a gap marker follows in the stream", start_ms, end_ms, end_ms - start_ms)
         source = f"{self.upstream.host}:{self.upstream.port}".encode()
-        self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
+        self._deliver(self._stream, gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
 
     def _on_subscribed(self) -> None:
         pass  # notify-keyspace-events was checked on the same connection just before
@@ -335,6 +438,13 @@ class EventService:
             log.warning("%s; events are forwarded only if an operator enabled them "
                         "(notify-keyspace-events needs E and the selected classes)", message)
         self.notify_config_error = message
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("key-evt-amqp")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _last_error(parts: list[Any]) -> dict[str, object]:

@@ -30,6 +30,7 @@ from typing import Any
 from proxy.config import RedisAddress
 from proxy.events.errors import LinkError
 from proxy.events.redis_link import RedisLink, open_link
+from proxy.events.stream import MARKER_CHANNEL, MARKER_DB
 
 __all__ = ["KeyspaceSource", "SourceState", "parse_channel"]
 
@@ -98,6 +99,9 @@ class KeyspaceSource:
         self._good_ms = 0
         self._last_pong = 0.0  # time.monotonic() of the last PONG (or of the subscription)
         self._lost: asyncio.Future[None] | None = None
+        #: the SUBSCRIBE to the fleet's marker channel is not answered yet
+        self._marker_sub_pending = False
+        self.markers_refused = ""  # why Redis refused that SUBSCRIBE (ACL channel rules)
 
     @property
     def state_name(self) -> str:
@@ -116,9 +120,31 @@ class KeyspaceSource:
             self._link.close()
         self.state = SourceState.STOPPED
 
+    def _subscribe(self, link: RedisLink) -> None:
+        """The keyspace pattern, then the fleet's checkpoint markers (``stream.py``) on the same
+        connection: Redis delivers both in the order it publishes them."""
+        link.send_unanswered("PSUBSCRIBE", PATTERN)
+        link.send_unanswered("SUBSCRIBE", MARKER_CHANNEL)
+        self._marker_sub_pending = True
+
+    def _marker_refused(self, reply: Any) -> bool:
+        """An error reply that answers the marker SUBSCRIBE (ACL channel rules): the events still
+        flow; this instance cannot follow checkpoints (it stays a lone forwarder or a blind standby)."""
+        if not self._marker_sub_pending or self.state is not SourceState.SUBSCRIBED:
+            return False
+        self._marker_sub_pending = False
+        if not self.markers_refused:
+            log.warning("keyspace source: Redis refused SUBSCRIBE %s (%s): fleet checkpoints are not "
+                        "followed; allow the channel to the proxy's Redis user (&%s)",
+                        MARKER_CHANNEL.decode(), reply, MARKER_CHANNEL.decode())
+        self.markers_refused = str(reply)
+        return True
+
     def _on_push(self, reply: Any) -> None:
         # Hot path: one call per keyspace event.
         if type(reply) is not list:  # an error reply: PSUBSCRIBE refused (ACL without &*), ...
+            if self._marker_refused(reply):
+                return
             self._note_error(f"Redis refused the subscription: {reply}")
             if self._link is not None:
                 self._link.abort()
@@ -133,8 +159,14 @@ class KeyspaceSource:
                 parsed = self._channels[channel] = parse_channel(channel)
             if parsed is not None:
                 self.on_event(parsed[0], parsed[1], reply[3])
+        elif reply[0] == b"message":
+            if reply[1] == MARKER_CHANNEL:
+                self.on_event(MARKER_DB, b"", reply[2])
         elif reply[0] == b"psubscribe":
             self._subscribed()
+        elif reply[0] == b"subscribe":
+            self._marker_sub_pending = False
+            self.markers_refused = ""
         elif reply[0] == b"pong":
             self._pong(reply)
 
@@ -172,7 +204,7 @@ class KeyspaceSource:
                                                     on_push=self._on_push, on_lost=self._on_lost)
                 if self.prepare is not None:
                     await self.prepare(link)
-                link.send_unanswered("PSUBSCRIBE", PATTERN)
+                self._subscribe(link)
             except LinkError as exc:
                 if link is not None:
                     link.close()

@@ -1,0 +1,249 @@
+"""Several proxy processes in front of one Redis: one forwarder, nothing lost when it dies.
+
+Three ``python -m proxy serve`` processes share a private Redis and a queue. 100,000 SETs are
+pipelined through a standby while the forwarder is SIGKILLed, SIGSTOPped, cut off from Redis or
+SIGTERMed. Every event must arrive, first arrivals in Redis's order, every duplicate with the same
+message_id as its first copy (``docs/fleet.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+import redis
+
+from faults import FaultRelay
+from harness import ProxyProcess, RedisServer, wait_for
+from rabbit import Message, RabbitQueue
+
+AMQP_PORT = 5672
+TOTAL = 100_000
+CHUNK = 2_000
+
+
+@pytest.fixture
+def queue() -> Iterator[RabbitQueue]:
+    with RabbitQueue() as q:
+        yield q
+
+
+def fleet_args(queue: RabbitQueue, *extra: str) -> list[str]:
+    return ["--amqp", f"amqp://guest:guest@127.0.0.1:{AMQP_PORT}/", "--routing-key", queue.routing_key,
+            "--events", "$", "--keymask", "ALL", "--heartbeat", "2", *extra]
+
+
+def info(proxy: ProxyProcess) -> dict[str, str]:
+    client = proxy.client(socket_timeout=5)
+    try:
+        text = client.execute_command("key_evt_amqp.info").decode()
+    finally:
+        client.close()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def role(proxy: ProxyProcess) -> str:
+    try:
+        return info(proxy)["fleet_role"]
+    except (redis.RedisError, OSError):
+        return "unreachable"
+
+
+def the_forwarder(proxies: list[ProxyProcess]) -> ProxyProcess:
+    """Wait until exactly one instance forwards and the others are standbys; return it."""
+    def settled() -> bool:
+        roles = [role(p) for p in proxies]
+        return roles.count("forwarder") == 1 and roles.count("standby") == len(proxies) - 1
+    wait_for(settled, 15, message="for one forwarder and the rest standbys")
+    return next(p for p in proxies if role(p) == "forwarder")
+
+
+class Writer(threading.Thread):
+    """Pipelines SET k0..k<TOTAL-1> through one proxy in chunks; ``done`` counts what was sent."""
+
+    def __init__(self, port: int, total: int = TOTAL) -> None:
+        super().__init__(daemon=True)
+        self.port, self.total, self.done = port, total, 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            client = redis.Redis(port=self.port, socket_timeout=30)
+            for start in range(0, self.total, CHUNK):
+                pipe = client.pipeline(transaction=False)
+                for i in range(start, min(start + CHUNK, self.total)):
+                    pipe.set(b"k%d" % i, b"v")
+                pipe.execute()
+                self.done = min(start + CHUNK, self.total)
+            client.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def check(messages: list[Message], total: int) -> tuple[int, int]:
+    """Every key once at least, first arrivals in order, duplicates with the first copy's id.
+    Returns (duplicates, gap markers)."""
+    first: dict[bytes, str | None] = {}
+    order: list[bytes] = []
+    duplicates = gaps = 0
+    for m in messages:
+        if m.type == "key_evt_amqp.gap":
+            gaps += 1
+            continue
+        key = m.body.split(b"\n", 2)[2]
+        if key in first:
+            duplicates += 1
+            assert first[key] == m.message_id, f"duplicate of {key!r} with another message_id"
+        else:
+            first[key] = m.message_id
+            order.append(key)
+    expected = [b"k%d" % i for i in range(total)]
+    missing = set(expected) - set(first)
+    assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
+    assert order == expected, "first arrivals out of Redis's order"
+    return duplicates, gaps
+
+
+def start_fleet(stack: ExitStack, upstreams: list[str], args: list[str]) -> list[ProxyProcess]:
+    proxies = []
+    for url in upstreams:
+        proxies.append(stack.enter_context(ProxyProcess(url, args)))
+        if len(proxies) == 1:
+            wait_for(lambda: role(proxies[0]) == "forwarder", 15)  # the first one forwards
+    return proxies
+
+
+def wait_written(proxy: ProxyProcess, since: float) -> float:
+    """Seconds from ``since`` until ``proxy`` wrote its first message to the broker."""
+    wait_for(lambda: int(info(proxy)["amqp_messages_written"]) > 0, 20, interval=0.01,
+             message="for the new forwarder's first publish")
+    return time.monotonic() - since
+
+
+def run_until(writer: Writer, count: int) -> None:
+    wait_for(lambda: writer.done >= count or writer.error is not None, 60)
+    assert writer.error is None, writer.error
+
+
+def test_sigkill_of_the_forwarder_loses_nothing(queue: RabbitQueue) -> None:
+    with RedisServer() as rs, ExitStack() as stack:
+        proxies = start_fleet(stack, [rs.url] * 3, fleet_args(queue))
+        forwarder = proxies[0]
+        standbys = [p for p in proxies if p is not forwarder]
+        writer = Writer(standbys[0].port)
+        writer.start()
+        run_until(writer, TOTAL // 3)
+        forwarder.kill()
+        killed = time.monotonic()
+        new = the_forwarder(standbys)
+        takeover = wait_written(new, killed)
+        writer.join(120)
+        assert writer.error is None, writer.error
+        messages = queue.drain(expected=TOTAL, idle=3, timeout=120)
+        new_info = info(new)
+    duplicates, gaps = check(messages, TOTAL)
+    print(f"\nSIGKILL of the forwarder: takeover {takeover * 1000:.0f} ms (kill -> first publish), "
+          f"{duplicates} duplicates, {gaps} gap markers, backlog handed over in "
+          f"{new_info['fleet_last_takeover_ms']} ms")
+    assert gaps == 0
+    assert duplicates <= 10_000  # the events of the last few checkpoint intervals at most
+
+
+def test_sigstopped_forwarder_publishes_nothing_after_takeover(queue: RabbitQueue) -> None:
+    with RedisServer() as rs, ExitStack() as stack:
+        proxies = start_fleet(stack, [rs.url] * 3, fleet_args(queue))
+        frozen = proxies[0]
+        standbys = proxies[1:]
+        writer = Writer(standbys[0].port)
+        writer.start()
+        run_until(writer, TOTAL // 3)
+        written_before = int(info(frozen)["amqp_messages_written"])
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            new = the_forwarder(standbys)
+            takeover = wait_written(new, stopped)
+            time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        wait_for(lambda: role(frozen) == "standby", 15, message="for the woken forwarder to step down")
+        writer.join(120)
+        assert writer.error is None, writer.error
+        messages = queue.drain(expected=TOTAL, idle=3, timeout=120)
+        woken = info(frozen)
+    duplicates, gaps = check(messages, TOTAL)
+    slipped = int(woken["amqp_messages_written"]) - written_before
+    print(f"\nSIGSTOP 10 s: takeover {takeover * 1000:.0f} ms, {duplicates} duplicates, {gaps} gap "
+          f"markers; written by the frozen one after waking: {slipped} messages "
+          f"({woken['amqp_writes_fenced']} writes refused by its fence)")
+    # It may have been inside one write when it froze; nothing after that.
+    assert slipped <= int(woken.get("publish_window", "20000"))
+    assert woken["fleet_demotions"] == "1"
+
+
+def test_forwarder_cut_off_from_redis(queue: RabbitQueue) -> None:
+    with RedisServer() as rs, FaultRelay(rs.port) as relay, ExitStack() as stack:
+        cut_url = f"redis://127.0.0.1:{relay.port}/0"
+        proxies = start_fleet(stack, [cut_url, rs.url, rs.url], fleet_args(queue))
+        isolated = proxies[0]
+        writer = Writer(proxies[1].port)
+        writer.start()
+        run_until(writer, TOTAL // 3)
+        relay.blackhole()
+        cut = time.monotonic()
+        new = the_forwarder(proxies[1:])
+        takeover = wait_written(new, cut)
+        writer.join(120)
+        assert writer.error is None, writer.error
+        relay.restore()
+        messages = queue.drain(expected=TOTAL, idle=3, timeout=120)
+        wait_for(lambda: role(isolated) == "standby", 20)
+    duplicates, gaps = check(messages, TOTAL)
+    print(f"\nforwarder cut off from Redis: takeover {takeover * 1000:.0f} ms, {duplicates} "
+          f"duplicates, {gaps} gap markers")
+
+
+def test_sigterm_hands_over_with_nothing_lost_or_twice(queue: RabbitQueue) -> None:
+    with RedisServer() as rs, ExitStack() as stack:
+        proxies = start_fleet(stack, [rs.url] * 3, fleet_args(queue))
+        leaving = proxies[0]
+        writer = Writer(proxies[1].port)
+        writer.start()
+        run_until(writer, TOTAL // 3)
+        assert leaving.stop() == 0, leaving.log_text()[-3000:]
+        new = the_forwarder(proxies[1:])
+        writer.join(120)
+        assert writer.error is None, writer.error
+        messages = queue.drain(expected=TOTAL, idle=3, timeout=120)
+        log = leaving.log_text()
+        new_log = new.log_text()
+    duplicates, gaps = check(messages, TOTAL)
+    print(f"\nSIGTERM handover: {duplicates} duplicates, {gaps} gap markers; new forwarder "
+          f"{info_port(new)}")
+    assert "after a handover" in log, log[-3000:]
+    assert (duplicates, gaps) == (0, 0), log[-3000:] + "\n--- new forwarder ---\n" + new_log[-3000:]
+
+
+def info_port(proxy: ProxyProcess) -> int:
+    return proxy.port
+
+
+def test_two_fleets_with_their_own_lists_do_not_feed_each_other() -> None:
+    """Different fallback keys make two fleets; with the broker down neither forwards the
+    other's list writes (the reserved namespace): each list holds each event once."""
+    down = ["--amqp", "amqp://guest:guest@127.0.0.1:1/", "--events", "A", "--keymask", "ALL"]
+    with RedisServer() as rs, ExitStack() as stack:
+        one = stack.enter_context(ProxyProcess(rs.url, [*down, "--fallback-key", "one:key_evt_amqp"]))
+        two = stack.enter_context(ProxyProcess(rs.url, [*down, "--fallback-key", "two:key_evt_amqp"]))
+        wait_for(lambda: role(one) == "forwarder" and role(two) == "forwarder", 15)
+        client = rs.client()
+        client.set("a", 1)
+        client.set("b", 2)
+        wait_for(lambda: client.llen("one:key_evt_amqp") == 2 and client.llen("two:key_evt_amqp") == 2, 15)
+        time.sleep(2)
+        assert (client.llen("one:key_evt_amqp"), client.llen("two:key_evt_amqp")) == (2, 2)
