@@ -24,7 +24,9 @@ field spoilt by hand would make ``HINCRBY`` fail inside ``EXEC`` while the ``HSE
 **Watching.** Each instance keeps its own subscriber connection on the channel (PUBLISH reaches
 every node of a cluster, so the key's owner serves as well as any). A message, or the
 confirmation of a new subscription (messages may have been missed while it was down), starts a
-read of the hash; as a backstop the hash is read every :data:`POLL_INTERVAL` anyway. An instance
+read of the hash; as a backstop the hash is read every :data:`POLL_INTERVAL` anyway, and a PING
+as often proves the subscription alive (silent for :data:`SUBSCRIPTION_SILENCE`, as a partition
+leaves it, it is replaced). An instance
 applies the hash whenever its content differs from what it applied last: the whole content, so
 that a reset, a ``FLUSHALL`` or an edit by hand that leaves ``version`` alone counts too.
 
@@ -74,6 +76,9 @@ POLL_INTERVAL = 2.0  # seconds between two reads of the hash when no message cam
 OP_TIMEOUT = 5.0  # seconds for one round trip before the command link counts as dead
 CHANGE_ATTEMPTS = 10  # WATCH/EXEC rounds lost to other writers before a command gives up
 SUBSCRIBE_SPACING = 1.0  # seconds between two attempts to subscribe (a refused SUBSCRIBE, say)
+#: A PING goes down the subscription every POLL_INTERVAL; silent this long, it counts as dead (a
+#: partition leaves a connection open that will never deliver anything) and is replaced.
+SUBSCRIPTION_SILENCE = 3 * POLL_INTERVAL
 _SHOWN_MAX = 64  # characters of a bad value quoted in the log
 
 Change = Callable[[Config], Config]
@@ -243,6 +248,7 @@ class SharedConfig:
         self._sub: RedisLink | None = None  # the subscription
         self._sub_confirmed = False  # the subscription's confirmation came on self._sub
         self._sub_tried = -SUBSCRIBE_SPACING
+        self._sub_heard = 0.0  # loop time of the subscription's last reply
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._rlog = RateLimitedLog(log)
@@ -424,6 +430,8 @@ class SharedConfig:
     async def _run(self) -> None:
         self.state = WatchState.CONNECTING
         while True:
+            if self._sub is not None and not self._sub.closed:
+                self._check_subscription()
             if self._sub is None or self._sub.closed:
                 await self._subscribe()
             self._wake.clear()
@@ -440,11 +448,20 @@ class SharedConfig:
             except asyncio.TimeoutError:
                 pass
 
+    def _check_subscription(self) -> None:
+        assert self._sub is not None
+        if asyncio.get_running_loop().time() - self._sub_heard > SUBSCRIPTION_SILENCE:
+            self._rlog.warn("silent", "shared settings: the subscription has been silent for %.0fs: "
+                            "reconnecting", SUBSCRIPTION_SILENCE)
+            self._sub.abort()
+        elif self._sub_confirmed:
+            self._sub.send_unanswered("PING")
+
     async def _subscribe(self) -> None:
         now = asyncio.get_running_loop().time()
         if now - self._sub_tried < SUBSCRIBE_SPACING:
             return
-        self._sub_tried = now
+        self._sub_tried = self._sub_heard = now
         self._sub_confirmed = False
         try:
             self._sub = await open_link(self.locate(), self.timeout, select_db=False,
@@ -455,13 +472,17 @@ class SharedConfig:
                             "every %.0fs meanwhile", exc, POLL_INTERVAL)
 
     def _on_push(self, reply: Any) -> None:
+        self._sub_heard = asyncio.get_running_loop().time()
         if isinstance(reply, hiredis.ReplyError):
             self._rlog.warn("subscribe", "shared settings: SUBSCRIBE %r refused (%s): reading the "
                             "hash every %.0fs meanwhile", CHANNEL, reply, POLL_INTERVAL)
             if self._sub is not None:
                 self._sub.close()
             return
-        if isinstance(reply, list) and reply[:1] == [b"subscribe"]:
+        kind = reply[0] if isinstance(reply, list) and reply else None
+        if kind == b"pong":
+            return
+        if kind == b"subscribe":
             self._sub_confirmed = True
         self._wake.set()  # subscribed (a change may have been missed before) or a change
 
