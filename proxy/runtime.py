@@ -48,6 +48,9 @@ class Events(Protocol):
     async def disconnect(self) -> str:
         """Stop publishing until :meth:`connect`; the reply's text. Raises CommandError."""
 
+    async def set_enabled(self, enabled: bool) -> None:
+        """Disconnect, or connect in the background (retrying) if disconnected; no reply."""
+
     def info(self) -> dict[str, object]:
         """The pipeline's fields of ``key_evt_amqp.info``, in order."""
 
@@ -110,7 +113,16 @@ class Runtime:
     async def connect(self, change: Change = NO_CHANGE) -> bytes:
         """``key_evt_amqp.connect``: apply ``change`` and enable the broker on every instance,
         then connect here; the reply is this instance's connect (the module's codes)."""
-        return await self._switch(change, enabled=True, here=self.events.connect)
+        return await self._switch(change, enabled=True, here=self._connect_here)
+
+    async def _connect_here(self) -> str:
+        try:
+            return await self.events.connect()
+        except CommandError:
+            # The fleet is enabled now: keep trying in the background, as every other instance
+            # does (the reply still says this attempt failed).
+            await self.events.set_enabled(True)
+            raise
 
     async def disconnect(self) -> bytes:
         """``key_evt_amqp.disconnect``: disable the broker on every instance; the reply is this

@@ -185,6 +185,22 @@ def test_disconnect_sent_to_one_instance_stops_the_broker_on_every_instance(
                       message="for the broker connection")
 
 
+def test_a_failed_connect_still_enables_the_broker_on_every_instance(
+        redis_server: RedisServer, fresh_redis: redis.Redis) -> None:
+    """``connect`` replies with this instance's attempt (3: unreachable), but the fleet is enabled
+    from then on: every instance, this one too, keeps trying in the background."""
+    with fleet(redis_server.url, no_broker(), count=2) as proxies, clients(proxies) as (a, b):
+        assert a.command("key_evt_amqp.disconnect") == ErrorReply(b"AMQP DISCONNECT ERROR: 1")
+        for raw in (a, b):
+            until(lambda raw=raw: info_of(raw)[b"amqp_state"] == b"disabled",  # type: ignore[misc]
+                  message="for the fleet to disconnect")
+        assert b.command("key_evt_amqp.connect") == ErrorReply(b"AMQP CONNECT ERROR: 3")
+        for raw in (a, b):
+            until(lambda raw=raw: info_of(raw)[b"amqp_state"] in (b"connecting", b"backoff"),  # type: ignore[misc]
+                  message="for the instance to retry in the background")
+            assert info_of(raw)[b"amqp_enabled"] == b"1"
+
+
 def test_concurrent_changes_on_two_instances_converge(
         redis_server: RedisServer, fresh_redis: redis.Redis) -> None:
     changes = 20
