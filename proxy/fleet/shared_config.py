@@ -2,8 +2,8 @@
 
 The values our commands set live in Redis, in the hash ``{key_evt_amqp}:config`` (in the
 upstream's db; in cluster mode on that key's slot, the one the fallback list uses): one field per
-setting set by a command (:data:`proxy.settings.COMMAND_SETTINGS`, in the form :func:`encode`
-gives), ``amqp_enabled`` (``connect`` / ``disconnect``) and ``version``. A setting that is not in
+setting set by a command (:data:`proxy.settings.COMMAND_SETTINGS`, in the form
+:mod:`.shared_fields` gives), ``amqp_enabled`` (``connect`` / ``disconnect``) and ``version``. A setting that is not in
 the hash has the instance's start value (flags, environment, file, default): a value set by a
 command wins until ``key_evt_amqp.config_reset`` deletes the hash (README, "Shared settings").
 
@@ -26,9 +26,9 @@ every node of a cluster, so the key's owner serves as well as any). A message, o
 confirmation of a new subscription (messages may have been missed while it was down), starts a
 read of the hash; as a backstop the hash is read every :data:`POLL_INTERVAL` anyway, and a PING
 as often proves the subscription alive (silent for :data:`SUBSCRIPTION_SILENCE`, as a partition
-leaves it, it is replaced). An instance
-applies the hash whenever its content differs from what it applied last: the whole content, so
-that a reset, a ``FLUSHALL`` or an edit by hand that leaves ``version`` alone counts too.
+leaves it, it is replaced). An instance applies the hash whenever its content differs from what
+it applied last: the whole content, so that a reset, a ``FLUSHALL`` or an edit by hand that leaves
+``version`` alone counts too.
 
 **Failures.** Reading never fails the proxy: a field this instance cannot parse (a setting of a
 newer version, an edit by hand) is logged and ignored, the rest applies; an unreachable Redis
@@ -44,34 +44,30 @@ import contextlib
 import dataclasses
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
-from protocol.integers import string2ll
-from protocol.keymask import normalize_masks
 from protocol.slots import key_slot
 from proxy.config import Config, RedisAddress
 from proxy.errors import CommandError, ConfigError
 from proxy.events.errors import LinkError
 from proxy.events.redis_link import RedisLink, open_link
+from proxy.fleet.shared_fields import ENABLED, VERSION, decode, encode, encode_enabled, version_of
 from proxy.live import LiveConfig
 from proxy.ratelog import RateLimitedLog
-from proxy.settings import COMMAND_SETTINGS, parse_setting
+from proxy.settings import COMMAND_SETTINGS
 
 if TYPE_CHECKING:
     from proxy.cluster.topology import Topology
 
-__all__ = ["CHANNEL", "KEY", "SharedConfig", "SharedState", "decode", "encode", "locator"]
+__all__ = ["CHANNEL", "KEY", "SharedConfig", "WatchState", "locator"]
 
 log = logging.getLogger("proxy.fleet.config")
 
 KEY = b"{key_evt_amqp}:config"  # contains key_evt_amqp: its own events are never forwarded
 CHANNEL = KEY  # PUBLISHed after each change; outside __keyevent@*__:*, so no event source sees it
-VERSION = b"version"
-ENABLED = b"amqp_enabled"
 POLL_INTERVAL = 2.0  # seconds between two reads of the hash when no message came
 OP_TIMEOUT = 5.0  # seconds for one round trip before the command link counts as dead
 CHANGE_ATTEMPTS = 10  # WATCH/EXEC rounds lost to other writers before a command gives up
@@ -79,7 +75,7 @@ SUBSCRIBE_SPACING = 1.0  # seconds between two attempts to subscribe (a refused 
 #: A PING goes down the subscription every POLL_INTERVAL; silent this long, it counts as dead (a
 #: partition leaves a connection open that will never deliver anything) and is replaced.
 SUBSCRIPTION_SILENCE = 3 * POLL_INTERVAL
-_SHOWN_MAX = 64  # characters of a bad value quoted in the log
+_SHOWN_MAX = 64  # characters of a reply quoted in an error
 
 Change = Callable[[Config], Config]
 
@@ -87,97 +83,12 @@ Change = Callable[[Config], Config]
 class _Moved(CommandError):
     """The hash's slot is served by another master now (cluster mode): ask again."""
 
+
+def _gave_up() -> CommandError:
+    return CommandError(f"ERR the shared settings did not hold still for {CHANGE_ATTEMPTS} attempts "
+                        f"(other instances writing, or the slot moving): nothing changed, try again")
+
 Locate = Callable[[], RedisAddress]
-
-
-# ---- the hash's fields: pure ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SharedState:
-    """The hash, read: the settings it sets, ``amqp_enabled`` (None: not set), ``version`` (0:
-    none or unreadable) and one line per field that was ignored."""
-
-    values: Mapping[str, object]
-    enabled: bool | None = None
-    version: int = 0
-    problems: tuple[str, ...] = ()
-
-
-def encode(values: Mapping[str, object]) -> dict[bytes, bytes]:
-    """The hash fields for ``values`` (Config field -> value, names in ``COMMAND_SETTINGS``):
-    a string as UTF-8, an integer in decimal, the key masks as netstrings (``3:a b,1:c,``: any
-    bytes, and ``a b`` + ``c`` stays apart from ``a`` + ``b c``)."""
-    fields: dict[bytes, bytes] = {}
-    for name, value in values.items():
-        if name not in COMMAND_SETTINGS:
-            raise ValueError(f"{name!r} is not a setting commands change")
-        if name == "keymasks":
-            masks = cast("tuple[bytes, ...]", value)
-            fields[b"keymasks"] = b"".join(b"%d:%s," % (len(mask), mask) for mask in masks)
-        else:
-            fields[name.encode()] = str(value).encode()
-    return fields
-
-
-def encode_enabled(enabled: bool) -> bytes:
-    return b"1" if enabled else b"0"
-
-
-def decode(fields: Mapping[bytes, bytes]) -> SharedState:
-    """Read the hash: every field is checked as the command that sets it checks its argument;
-    a field that fails (or that this version does not know) is left out and named in
-    ``problems`` (the amqp password's value never is)."""
-    values: dict[str, object] = {}
-    problems: list[str] = []
-    enabled: bool | None = None
-    version = 0
-    for raw_name, raw in fields.items():
-        name = raw_name.decode("utf-8", "backslashreplace")
-        try:
-            if raw_name == VERSION:
-                number = string2ll(raw)
-                if number is None or number < 0:
-                    raise ValueError("expected an integer >= 0")
-                version = number
-            elif raw_name == ENABLED:
-                if raw not in (b"0", b"1"):
-                    raise ValueError("expected 0 or 1")
-                enabled = raw == b"1"
-            elif name == "keymasks":
-                values[name] = normalize_masks(_load_masks(raw))
-            elif name in COMMAND_SETTINGS:
-                values[name] = parse_setting(name, raw.decode("utf-8"))
-            else:
-                problems.append(f"unknown setting {name!r} (a newer version's, or written by hand)")
-        except (ValueError, UnicodeDecodeError) as exc:
-            shown = "" if name == "amqp_password" else " " + _quote(raw)
-            reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
-            problems.append(f"invalid {name}{shown}: {reason}")
-    return SharedState(values, enabled, version, tuple(problems))
-
-
-def _load_masks(data: bytes) -> list[bytes]:
-    masks = []
-    at = 0
-    while at < len(data):
-        colon = data.find(b":", at)
-        size = string2ll(data[at:colon]) if colon > at else None
-        end = colon + 1 + size if size is not None and size >= 0 else -1
-        if size is None or end < 0 or data[end:end + 1] != b",":
-            raise ValueError(f"expected netstrings (LENGTH:BYTES,), broken at byte {at}")
-        masks.append(data[colon + 1:end])
-        at = end + 1
-    return masks
-
-
-def _quote(raw: bytes) -> str:
-    text = raw.decode("utf-8", "backslashreplace")
-    return repr(text if len(text) <= _SHOWN_MAX else text[:_SHOWN_MAX] + "...")
-
-
-def _version(fields: Mapping[bytes, bytes]) -> int:
-    return decode({VERSION: fields[VERSION]}).version if VERSION in fields else 0
 
 
 def _pairs(reply: Any) -> dict[bytes, bytes]:
@@ -307,21 +218,35 @@ class SharedConfig:
                     raise
                 if written:
                     return await then() if then is not None else None
-            raise CommandError("ERR the shared settings kept changing under this command (other "
-                               "instances writing): nothing changed, try again")
+            raise _gave_up()
 
     async def reset(self) -> None:
-        """``config_reset``: delete the hash; every instance goes back to its start values."""
+        """``config_reset``: delete the hash; every instance goes back to its start values.
+        Raises CommandError (``-ERR`` text)."""
         async with self._lock:
-            try:
-                link = await self._command_link()
-                replies = await link.request(
-                    [("MULTI",), ("DEL", KEY), ("PUBLISH", CHANNEL, b"reset"), ("EXEC",)], OP_TIMEOUT)
-            except LinkError as exc:
-                raise CommandError(f"ERR the settings could not be reset in Redis, nothing "
-                                   f"changed: {exc}") from None
-            self._exec_result(replies)
-            await self._apply({})
+            for _ in range(CHANGE_ATTEMPTS):
+                try:
+                    link = await self._command_link()
+                except LinkError as exc:
+                    raise CommandError(f"ERR the settings could not be reset in Redis, nothing "
+                                       f"changed: {exc}") from None
+                try:
+                    replies = await link.request(
+                        [("MULTI",), ("DEL", KEY), ("PUBLISH", CHANNEL, b"reset"), ("EXEC",)], OP_TIMEOUT)
+                    self._exec_result(replies)
+                except LinkError as exc:
+                    self._wake.set()
+                    raise CommandError(f"ERR Redis did not confirm the reset ({exc}): it applies to "
+                                       f"every instance if Redis did it (config_get shows it within "
+                                       f"seconds)") from None
+                except _Moved:
+                    continue
+                except CommandError:
+                    self._drop_link()
+                    raise
+                await self._apply({})
+                return
+            raise _gave_up()
 
     async def _try_change(self, fields: Sequence[str], make: Change, enabled: bool | None) -> bool:
         """One WATCH/EXEC round: False when another writer came first (nothing was written)."""
@@ -339,7 +264,7 @@ class SharedConfig:
         written = encode({name: getattr(config, name) for name in fields})
         if enabled is not None:
             written[ENABLED] = encode_enabled(enabled)
-        written[VERSION] = b"%d" % (_version(current) + 1)
+        written[VERSION] = b"%d" % (version_of(current) + 1)
         pairs = [part for item in written.items() for part in item]
         try:
             replies = await link.request(

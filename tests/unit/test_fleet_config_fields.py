@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from protocol.integers import LLONG_MAX, LLONG_MIN
 from proxy.config import Config
-from proxy.fleet.shared_config import ENABLED, VERSION, SharedState, decode, encode, encode_enabled
+from proxy.fleet.shared_fields import ENABLED, VERSION, SharedState, decode, encode, encode_enabled
 from proxy.settings import COMMAND_SETTINGS, apply_module_args, load, module_arg_fields
 
 EDGE = Config(
