@@ -227,6 +227,9 @@ def replay(p) -> dict:
                                        "connect_reply": repr(reply), **check,
                                        "fallback_left": fallback_length(redis.port)})
                         admin.purge(rep_q)
+                        # connect's broker address is shared (kept in Redis, README "Shared
+                        # settings"): the next round's proxy must start with its own dead one.
+                        client.execute_command("key_evt_amqp.config_reset")
                         st.stop(proxy)
                 ceiling_and_naive(p, admin, ceil_q, None, r, p.replay_n, samples, checks)
                 log(f"round {r + 1}/{p.rounds}: " + ", ".join(

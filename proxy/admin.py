@@ -31,7 +31,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from protocol import barrier, replies
 from protocol.barrier import Probe
@@ -39,10 +39,8 @@ from protocol.commands import admin_verb
 from protocol.events import parse_classes
 from protocol.integers import string2ll
 from protocol.keymask import add_masks
-from proxy.settings import ConfigError, apply_module_args
-
-if TYPE_CHECKING:
-    from proxy.runtime import Runtime
+from proxy.runtime import Change, Runtime
+from proxy.settings import apply_module_args, module_arg_fields
 
 
 class BarrierOwner(Protocol):
@@ -59,8 +57,6 @@ class BarrierOwner(Protocol):
     def barrier_done(self, reply: bytes, *, close: bool = False) -> None: ...
 
 log = logging.getLogger("key_evt_amqp.admin")
-
-OK = replies.simple("OK")
 
 Reply = bytes | Awaitable[bytes]
 Handler = Callable[["Runtime", str, list[bytes], bool], Reply]
@@ -228,33 +224,33 @@ def _arity(name: str) -> bytes:
 def _config_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if not args:
         return _arity(name)
-    try:
-        config = apply_module_args(runtime.config, args, with_flags=False)
-    except ConfigError as exc:
-        return replies.error(f"ERR {exc}")
-    runtime.update(config)
-    return OK
+    return runtime.change(_module_args(args))
+
+
+def _module_args(args: list[bytes]) -> Change:
+    return Change(module_arg_fields(args, with_flags=False),
+                  lambda config: apply_module_args(config, args, with_flags=False))
 
 
 def _keymask_clean(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if args:
         return _arity(name)
-    runtime.update(replace(runtime.config, keymasks=()))
-    return OK
+    return runtime.change(Change(("keymasks",), lambda config: replace(config, keymasks=())))
 
 
 def _keymask_add(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if not args:
         return _arity(name)
-    runtime.update(replace(runtime.config, keymasks=add_masks(runtime.config.keymasks, tuple(args))))
-    return OK
+    # Added to the fleet's newest masks (the change is computed from them, see fleet/shared_config).
+    return runtime.change(Change(("keymasks",), lambda config: replace(
+        config, keymasks=add_masks(config.keymasks, tuple(args)))))
 
 
 def _keymask_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if not args:
         return _arity(name)
-    runtime.update(replace(runtime.config, keymasks=add_masks((), tuple(args))))
-    return OK
+    masks = add_masks((), tuple(args))
+    return runtime.change(Change(("keymasks",), lambda config: replace(config, keymasks=masks)))
 
 
 def _fallback_size_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
@@ -264,8 +260,7 @@ def _fallback_size_set(runtime: Runtime, name: str, args: list[bytes], resp3: bo
     size = string2ll(args[0])
     if size is None:
         return replies.error("ERR value is not an integer or out of range")
-    runtime.update(replace(runtime.config, fallback_size=size))
-    return OK
+    return runtime.change(Change(("fallback_size",), lambda config: replace(config, fallback_size=size)))
 
 
 def _events_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
@@ -276,8 +271,13 @@ def _events_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
         parse_classes(spec)
     except ValueError as exc:
         return replies.error(f"ERR {exc}")
-    runtime.update(replace(runtime.config, events=spec))
-    return OK
+    return runtime.change(Change(("events",), lambda config: replace(config, events=spec)))
+
+
+def _config_reset(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
+    if args:
+        return _arity(name)
+    return runtime.reset()
 
 
 def _config_get(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
@@ -286,6 +286,9 @@ def _config_get(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
     values: dict[str, object] = {key: _plain(value) for key, value in runtime.config.masked().items()}
     # Each mask its own bulk string, bytes as given: joined, "a b" + "c" would read as "a" + "b c".
     values["keymasks"] = list(runtime.config.keymasks)
+    # One field more, last: where each value came from (default, file, env, flag, command), as a
+    # map inside the map; a client reading the settings by name sees them as before.
+    values["origins"] = runtime.settings.origins()
     return replies.encode(values, resp3=resp3)
 
 
@@ -299,14 +302,7 @@ def _info(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
 
 
 def _connect(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
-    config = runtime.config
-    if args:
-        try:
-            config = apply_module_args(config, args, with_flags=False)
-        except ConfigError as exc:
-            return replies.error(f"ERR {exc}")
-        runtime.update(config)
-    return runtime.connect(config)
+    return runtime.connect(_module_args(args))  # no arguments: no setting changes
 
 
 def _disconnect(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
@@ -328,6 +324,7 @@ def _plain(value: object) -> str:
 HANDLERS: dict[str, Handler] = {
     "config_set": _config_set,
     "config_get": _config_get,
+    "config_reset": _config_reset,
     "connect": _connect,
     "disconnect": _disconnect,
     "fallback_storage_size_set": _fallback_size_set,

@@ -77,10 +77,20 @@ class Config:
 
     log_level: str = "INFO"
 
+    #: Where each start value came from ((field, "file" | "env" | "flag"), ...; a field not
+    #: named is a default), set by :func:`proxy.settings.load`: not a setting, never compared.
+    start_origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+    def start_origin(self, name: str) -> str:
+        """``default``, ``file``, ``env`` or ``flag``: where the start value of ``name`` came from."""
+        return dict(self.start_origins).get(name, "default")
+
     def masked(self) -> dict[str, object]:
         """Every setting as plain values, passwords replaced by ``***``: for logs and replies."""
         values: dict[str, object] = {}
         for name in self.__dataclass_fields__:
+            if name == "start_origins":
+                continue
             value = getattr(self, name)
             if name == "amqp_password":
                 value = "***"

@@ -2,23 +2,40 @@
 
 Built by :func:`proxy.server.serve` once everything it reports on exists, and handed to every client
 connection, which passes it to :mod:`proxy.admin` for each of our commands. Through it a command
-reads or replaces the configuration in force (:class:`~proxy.live.LiveConfig`: the event service,
-the publisher and the pipeline hear of the change from there), connects or disconnects the broker,
-and reads the counters of the clients and of the event pipeline.
+reads the configuration in force (:class:`~proxy.live.LiveConfig`), changes it for every instance
+of the fleet (:class:`Settings`, kept in Redis: the event service, the publisher and the pipeline
+hear of the change from the live configuration), connects or disconnects the broker, and reads the
+counters of the clients and of the event pipeline.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import replies
 from proxy.config import Config
-from proxy.errors import CommandError
+from proxy.errors import CommandError, ConfigError
 from proxy.live import LiveConfig
 from proxy.state import ServerState
 
-__all__ = ["Events", "Runtime"]
+__all__ = ["Change", "Events", "Runtime", "Settings"]
+
+OK = replies.simple("OK")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a command sets: the Config ``fields`` it owns, and how they are computed from the
+    configuration in force (``make`` raises ConfigError for a bad argument)."""
+
+    fields: Sequence[str]
+    make: Callable[[Config], Config]
+
+
+NO_CHANGE = Change((), lambda config: config)
 
 
 class Events(Protocol):
@@ -31,17 +48,43 @@ class Events(Protocol):
     async def disconnect(self) -> str:
         """Stop publishing until :meth:`connect`; the reply's text. Raises CommandError."""
 
+    async def set_enabled(self, enabled: bool) -> None:
+        """Disconnect, or connect in the background (retrying) if disconnected; no reply."""
+
     def info(self) -> dict[str, object]:
         """The pipeline's fields of ``key_evt_amqp.info``, in order."""
+
+
+class Settings(Protocol):
+    """Where commands change the settings: for every instance of the fleet
+    (:class:`proxy.fleet.shared_config.SharedConfig`)."""
+
+    async def change(self, fields: Sequence[str], make: Callable[[Config], Config], *,
+                     enabled: bool | None = None,
+                     then: Callable[[], Awaitable[bytes]] | None = None) -> bytes | None:
+        """Set ``fields`` to their values in ``make(config)`` (and ``amqp_enabled`` unless None)
+        everywhere, then return ``then()``, run here. Raises ConfigError or CommandError, having
+        changed nothing."""
+
+    async def reset(self) -> None:
+        """Every instance back to its start values. Raises CommandError, having changed nothing."""
+
+    def origins(self) -> dict[str, str]:
+        """Setting -> where its value came from (default, file, env, flag, command)."""
+
+    def info(self) -> dict[str, object]:
+        """The shared settings' fields of ``key_evt_amqp.info``."""
 
 
 class Runtime:
     """The live configuration, the event service and the client counters, as commands see them."""
 
-    def __init__(self, live: LiveConfig, events: Events, server_state: ServerState) -> None:
+    def __init__(self, live: LiveConfig, events: Events, server_state: ServerState,
+                 settings: Settings) -> None:
         self.live = live
         self.events = events
         self.server_state = server_state
+        self.settings = settings
         self.started = time.time()
 
     @property
@@ -49,24 +92,58 @@ class Runtime:
         """The configuration in force."""
         return self.live.current
 
-    def update(self, config: Config) -> None:
-        """Put ``config`` in force; everyone who subscribed to the live configuration is told."""
-        self.live.update(config)
-
-    async def connect(self, config: Config) -> bytes:
-        """``key_evt_amqp.connect`` with ``config`` (the handler has put it in force already)."""
-        if config != self.live.current:
-            self.update(config)
+    async def change(self, change: Change) -> bytes:
+        """Apply ``change`` on every instance: ``+OK``, or the error (nothing changed)."""
         try:
-            return replies.simple(await self.events.connect())
+            await self.settings.change(change.fields, change.make)
+        except ConfigError as exc:
+            return replies.error(f"ERR {exc}")
         except CommandError as exc:
             return replies.error(str(exc))
+        return OK
+
+    async def reset(self) -> bytes:
+        """``key_evt_amqp.config_reset``: every instance back to its start values."""
+        try:
+            await self.settings.reset()
+        except CommandError as exc:
+            return replies.error(str(exc))
+        return OK
+
+    async def connect(self, change: Change = NO_CHANGE) -> bytes:
+        """``key_evt_amqp.connect``: apply ``change`` and enable the broker on every instance,
+        then connect here; the reply is this instance's connect (the module's codes)."""
+        return await self._switch(change, enabled=True, here=self._connect_here)
+
+    async def _connect_here(self) -> str:
+        try:
+            return await self.events.connect()
+        except CommandError:
+            # The fleet is enabled now: keep trying in the background, as every other instance
+            # does (the reply still says this attempt failed).
+            await self.events.set_enabled(True)
+            raise
 
     async def disconnect(self) -> bytes:
+        """``key_evt_amqp.disconnect``: disable the broker on every instance; the reply is this
+        instance's disconnect."""
+        return await self._switch(NO_CHANGE, enabled=False, here=self.events.disconnect)
+
+    async def _switch(self, change: Change, *, enabled: bool, here: Callable[[], Awaitable[str]]) -> bytes:
+        async def local() -> bytes:
+            try:
+                return replies.simple(await here())
+            except CommandError as exc:
+                return replies.error(str(exc))
+
         try:
-            return replies.simple(await self.events.disconnect())
+            reply = await self.settings.change(change.fields, change.make, enabled=enabled, then=local)
+        except ConfigError as exc:
+            return replies.error(f"ERR {exc}")
         except CommandError as exc:
             return replies.error(str(exc))
+        assert reply is not None  # then= gives the reply
+        return reply
 
     def info(self) -> dict[str, object]:
         clients = self.server_state
@@ -77,4 +154,5 @@ class Runtime:
             "rejected_connections": clients.rejected,
         }
         values.update(self.events.info())
+        values.update(self.settings.info())
         return values

@@ -17,6 +17,7 @@ from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
 from proxy.events.service import EventService
+from proxy.fleet.shared_config import SharedConfig, locator
 from proxy.live import LiveConfig
 from proxy.relay import ClientConnection
 from proxy.runtime import Runtime
@@ -88,23 +89,28 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     """Run the proxy until SIGTERM or SIGINT; returns the process exit code.
 
     Everything is built in the order it depends on: the live configuration, the cluster map (in
-    cluster mode), the event service, what the connections share, what our commands act on, and
+    cluster mode), the fleet's shared settings (read from Redis), the event service, what the connections share, what our commands act on, and
     the listener.
     """
     live = LiveConfig(config)
     topology = await _cluster_topology(config)
+    shared = SharedConfig(live, *locator(config.upstream, topology))
+    await shared.load()  # the fleet's settings, before anything reads the live configuration
+    config = live.current
     events = EventService(live, topology)
     state = ServerState(config)
-    runtime = Runtime(live, events, state)
+    runtime = Runtime(live, events, state, shared)
     server = Server(state, runtime, topology)
     try:
         await server.start(config.listen_host, config.listen_port)
     except OSError as exc:
+        await shared.stop()
         if topology is not None:
             topology.close()
         print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
               f"{exc.strerror}", file=sys.stderr)
         return 1
+    await shared.start(events.set_enabled)
     await events.start()
     log.info(
         "key-evt-amqp listening on %s, relaying to %s; events %r with keymasks %s to "
@@ -124,6 +130,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     log.info("shutting down: no new clients, finishing replies owed (at most %.1fs)",
              config.shutdown_timeout)
     await server.shutdown(config.shutdown_timeout)
+    await shared.stop()
     await events.stop()
     log.info("stopped")
     return 0

@@ -38,11 +38,14 @@ from proxy.config import Config, RedisAddress
 from proxy.errors import ConfigError
 
 __all__ = [
+    "COMMAND_SETTINGS",
     "ENV_PREFIX",
     "ConfigError",
     "add_arguments",
     "apply_module_args",
     "load",
+    "module_arg_fields",
+    "parse_setting",
     "split_module_args",
 ]
 
@@ -375,19 +378,31 @@ def _from_file(path: str) -> dict[str, _Entry]:
     return entries
 
 
+def _source(prefix: str, label: str) -> str:
+    """Where an entry came from, for ``config_get``'s origins: a file's entries carry its path as
+    their message prefix, a flag's label is ``--flag``, an environment variable's its name."""
+    if prefix:
+        return "file"
+    return "flag" if label.startswith("--") else "env"
+
+
 def _build(layers: Mapping[str, _Entry]) -> Config:
     changes: dict[str, object] = {}
+    origins: dict[str, str] = {}  # Config field -> source; a field not named here is a default
     for name, ((prefix, label), raw) in layers.items():
         option = _OPTIONS[name]
         if name == "keymask":
             masks = raw  # a list of str, whatever the source
             changes["keymasks"] = normalize_masks(_key_bytes(m) for m in masks)  # type: ignore  # the TOML/env value was checked to be a list of strings
+            origins["keymasks"] = _source(prefix, label)
         elif option.convert is not None:
             try:
-                changes.update(option.convert(raw))  # type: ignore[arg-type]  # option tables map names to converters of mixed value types
+                converted = option.convert(raw)  # type: ignore[arg-type]  # option tables map names to converters of mixed value types
             except ValueError as exc:
                 shown = " " + _quote(option.redact(raw)) if option.redact else ""  # type: ignore  # redact takes the raw value, whatever its type
                 raise ConfigError(f"{prefix}invalid {label}{shown}: {exc}") from None
+            changes.update(converted)
+            origins.update(dict.fromkeys(converted, _source(prefix, label)))
     config = Config(**changes)  # type: ignore[arg-type]  # field values of mixed types; Config's __post_init__ validates them
     if "module_args" in layers:
         (prefix, label), raw = layers["module_args"]
@@ -397,7 +412,8 @@ def _build(layers: Mapping[str, _Entry]) -> Config:
             config = apply_module_args(config, args, with_flags=True)
         except ConfigError as exc:
             raise ConfigError(f"{prefix}invalid {label}: {exc}") from None
-    return config
+        origins.update(dict.fromkeys(module_arg_fields(args, with_flags=True), _source(prefix, label)))
+    return dataclasses.replace(config, start_origins=tuple(sorted(origins.items())))
 
 
 def _quote(text: str) -> str:
@@ -420,6 +436,33 @@ _POSITIONS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("delivery_mode", "delivery_mode", _delivery_mode),
     ("fallback_storage_size", "fallback_size", _fallback_size),
 )
+
+
+#: The settings our commands change (``config_set``/``connect`` positions, ``events_set``, the
+#: ``keymask_*`` commands, ``fallback_storage_size_set``): what a fleet of proxies shares through
+#: Redis (proxy/fleet/shared_config.py). Everything else is fixed at start.
+COMMAND_SETTINGS: tuple[str, ...] = (*(name for _, name, _ in _POSITIONS), "events", "keymasks")
+
+_PARSERS: dict[str, Callable[[str], object]] = {
+    **{name: parse for _, name, parse in _POSITIONS}, "events": _events}
+
+
+def parse_setting(name: str, text: str) -> object:
+    """The value of the command setting ``name`` (in :data:`COMMAND_SETTINGS`, not ``keymasks``,
+    which are bytes) from its text, checked as a command checks it: the text ``str(value)`` of
+    any valid value parses back to it. Raises ValueError (the reason) or KeyError (not a
+    setting of that kind)."""
+    return _PARSERS[name](text)
+
+
+def module_arg_fields(args: Sequence[bytes], *, with_flags: bool) -> tuple[str, ...]:
+    """The Config fields :func:`apply_module_args` sets from ``args`` (the positions given, the
+    event flags first ``with_flags``, the masks when any is given)."""
+    count = len(args) - (1 if with_flags and args else 0)
+    fields = tuple(name for _, name, _ in _POSITIONS[:count])
+    if with_flags and args:
+        fields = ("events", *fields)
+    return fields + (("keymasks",) if count > len(_POSITIONS) else ())
 
 
 def apply_module_args(config: Config, args: Sequence[bytes], *, with_flags: bool) -> Config:

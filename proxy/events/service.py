@@ -265,6 +265,18 @@ class EventService:
             raise AmqpCommandError("AMQP DISCONNECT ERROR: 1")
         return "AMQP DISCONNECT OK"
 
+    async def set_enabled(self, enabled: bool) -> None:
+        """The fleet's ``amqp_enabled`` changed (a ``connect``/``disconnect`` sent to another
+        instance, or ``config_reset``): stop publishing as :meth:`disconnect` does, or, if
+        disconnected, connect again as at start (in the background, retrying). No reply."""
+        if not enabled:
+            if self.publisher.state is not BrokerState.DISABLED:
+                self.pipeline.hold_for_shutdown()
+                await self.publisher.disconnect()
+        elif self.publisher.state is BrokerState.DISABLED:
+            self.publisher.state = BrokerState.IDLE
+            self.publisher.ensure_connected()
+
     def info(self) -> dict[str, object]:
         p, s = self.publisher, self.pipeline.stats
         sources = self.cluster.sources.values() if self.cluster is not None else [self.source]

@@ -7,7 +7,8 @@ import from its own layer and the ones below, never from one above:
 1. the base of ``proxy``: every module directly in ``proxy/`` that is not named below (config,
    settings, errors, live, connect, state, runtime, upstream, ratelog, admin). A new module lands
    here, and so must import nothing above it, unless it is placed on purpose.
-2. the connections and the pipeline: ``proxy.relay``, ``proxy.cluster``, ``proxy.events``.
+2. the connections and the pipeline: ``proxy.relay``, ``proxy.cluster``, ``proxy.events``,
+   ``proxy.fleet``.
 3. the shell: ``proxy.server``, ``proxy.cli``, ``proxy.__main__``.
 
 An import only for type annotations (under ``if TYPE_CHECKING:``) is checked the same way, except
@@ -34,6 +35,7 @@ LAYERS = {
     "proxy.relay": 2,
     "proxy.cluster": 2,
     "proxy.events": 2,
+    "proxy.fleet": 2,
     "proxy.server": 3,
     "proxy.cli": 3,
     "proxy.__main__": 3,
@@ -157,7 +159,7 @@ def circles(graph: set[Edge]) -> list[list[str]]:
 
 
 #: Drawn as one room each when folders are drawn whole; the modules directly in proxy/ stand alone.
-FOLDERS = ("protocol", "proxy.events", "proxy.cluster")
+FOLDERS = ("protocol", "proxy.events", "proxy.cluster", "proxy.fleet")
 
 
 def folder(module: str) -> str:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from protocol.barrier import PROBE
 from proxy.config import Config
 from proxy.relay import ClientConnection, Mode
+from proxy.runtime import Change
 
 
 def encode(args: list[bytes]) -> bytes:
@@ -40,11 +41,15 @@ class FakeTransport:
 
 
 class FakeRuntime:
+    """Our commands change the settings through ``Runtime.change`` (for the whole fleet, in
+    Redis); here the change applies at once and the reply comes synchronously."""
+
     def __init__(self) -> None:
         self.config = Config()
 
-    def update(self, config: Config) -> None:
-        self.config = config
+    def change(self, change: Change) -> bytes:
+        self.config = change.make(self.config)
+        return b"+OK\r\n"
 
 
 class FakeServer:
