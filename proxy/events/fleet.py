@@ -293,7 +293,7 @@ class Fleet:
                 now = int(time.time() * 1000)
                 for stream in self.streams.values():
                     end = Marker(self.token, self.k + 1, self.salt, now)
-                    commands.append(self._done_command(stream, end))
+                    commands.append(self._done_command(stream, end, end=True))
             commands.append((b"DEL", self.keys.lease))
             try:
                 await self._fenced(commands)
@@ -304,6 +304,7 @@ class Fleet:
             await self.link.run([(b"HDEL", self.keys.members, self.instance)], 1.0)
         except (LinkError, asyncio.TimeoutError):
             pass
+        self.link.close()
         self.role = Role.STOPPED
 
     # ---- the lease ----------------------------------------------------------------------------
@@ -347,29 +348,32 @@ class Fleet:
         token = int(reply[0])
         flat = reply[1]
         done = {}
+        ended = set()  # streams whose last forwarder stopped alone: nobody will see that marker
         for i in range(0, len(flat) - 1, 2):
             parts = flat[i + 1].split(b".")
             try:
                 done[flat[i]] = ((int(parts[0]), int(parts[1])), int(parts[2]))
             except (IndexError, ValueError):
                 continue
+            if parts[3:] == [b"end"]:
+                ended.add(flat[i])
         self.token, self.holder = token, b"%b %d" % (self.instance.encode(), token)
         self.trusted_until = sent + TRUST * LEASE_TTL_MS / 1000
         self.acquired_at = time.monotonic()
         self.lease_holder, self.lease_pttl = self.holder.decode(), LEASE_TTL_MS
-        await self._take_over(done)
+        await self._take_over(done, ended)
 
     def _acquire_command(self) -> Command:
         seen = max([self.token] + [s.cursor.last.token for s in self.streams.values() if s.cursor.last])
         return (b"EVAL", _ACQUIRE, 3, self.keys.lease, self.keys.token, self.keys.done, self.instance,
                 LEASE_TTL_MS, seen)
 
-    async def _take_over(self, done: dict[bytes, tuple[Order, int]]) -> None:
+    async def _take_over(self, done: dict[bytes, tuple[Order, int]], ended: set[bytes]) -> None:
         """Wait (bounded) until each stream has reached its done marker, then publish after it."""
         deadline = time.monotonic() + DONE_WAIT
         while time.monotonic() < deadline:
             behind = [s for s in self.streams.values()
-                      if s.live and s.field in done and (s.cursor.last is None or s.cursor.last.order < done[s.field][0])]
+                      if s.live and s.field in done and s.field not in ended and (s.cursor.last is None or s.cursor.last.order < done[s.field][0])]
             if not behind:
                 break
             await asyncio.sleep(0.01)
@@ -479,8 +483,9 @@ class Fleet:
                 commands.append(self._done_command(stream, newest))
         return commands
 
-    def _done_command(self, stream: Stream, marker: Marker) -> Command:
-        return (b"HSET", self.keys.done, stream.field, b"%d.%d.%d" % (marker.token, marker.k, marker.ms))
+    def _done_command(self, stream: Stream, marker: Marker, end: bool = False) -> Command:
+        value = b"%d.%d.%d" % (marker.token, marker.k, marker.ms)
+        return (b"HSET", self.keys.done, stream.field, value + b".end" if end else value)
 
     async def _send_marker(self, handover: bool = False) -> None:
         commands = self._advance_done()

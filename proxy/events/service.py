@@ -111,6 +111,9 @@ class EventService:
                 topology, self.upstream, live, on_event=self.on_node_keyspace, on_gap=self.publish_gap,
                 on_flags=self.cluster_flags_checked, on_retire=self._source_retired)
         self.seen = 0
+        #: events (and gap markers) that passed the filters, on every instance of a fleet: the
+        #: forwarder's go to the pipeline, a standby's to its buffer (counted once, there)
+        self.accepted = 0
         self.filtered = 0
         self.own_keys = 0
         self.gaps = 0
@@ -206,6 +209,7 @@ class EventService:
             if gap is not None:
                 assert gap.gap is not None
                 self._count_gap(*gap.gap)
+                self.accepted += 1
                 self.pipeline.accept(gap)
             for event in takeover.events:
                 self.pipeline.accept(event)
@@ -238,6 +242,7 @@ class EventService:
     def _deliver(self, stream: Stream, event: Event) -> None:
         """An event or gap marker in ``stream``'s order: the pipeline's if this instance is the
         forwarder, else the standby buffer's."""
+        self.accepted += 1
         if self.fleet.role is Role.FORWARDER:
             if not stream.ended:
                 self.pipeline.accept(event)
@@ -288,7 +293,7 @@ class EventService:
             "events_seen": self.seen,
             "events_filtered": self.filtered,
             "events_own_keys": self.own_keys,
-            "events_accepted": s["accepted"],
+            "events_accepted": self.accepted,
             "events_published": p.published,
             "amqp_messages_written": p.written,
             "amqp_writes_fenced": p.fenced_writes,
@@ -358,6 +363,7 @@ class EventService:
             self.own_keys += 1
             return
         event = Event.keyspace(cursor.message_id(), int(time.time() * 1000), db, name, key, headers, extra)
+        self.accepted += 1
         if self.fleet.role is Role.FORWARDER:
             if not stream.ended:  # handing over: what follows our marker is the next forwarder's
                 self.pipeline.accept(event)
@@ -376,6 +382,7 @@ class EventService:
         if successor is not None:
             self._deliver(self._stream_of(successor), event)
         elif self.fleet.role is Role.FORWARDER:
+            self.accepted += 1
             self.pipeline.accept(event)
 
     def _count_gap(self, start_ms: int, end_ms: int) -> None:

@@ -40,6 +40,7 @@ to one instance alone would be undone, silently, by its next read of the hash.
 from __future__ import annotations
 
 import asyncio
+import random
 import contextlib
 import dataclasses
 import enum
@@ -70,7 +71,8 @@ KEY = b"{key_evt_amqp}:config"  # contains key_evt_amqp: its own events are neve
 CHANNEL = KEY  # PUBLISHed after each change; outside __keyevent@*__:*, so no event source sees it
 POLL_INTERVAL = 2.0  # seconds between two reads of the hash when no message came
 OP_TIMEOUT = 5.0  # seconds for one round trip before the command link counts as dead
-CHANGE_ATTEMPTS = 10  # WATCH/EXEC rounds lost to other writers before a command gives up
+CHANGE_ATTEMPTS = 20  # WATCH/EXEC rounds lost to other writers before a command gives up
+RETRY_SPREAD = 0.005  # seconds: a lost round waits up to this times the attempt number (random)
 SUBSCRIBE_SPACING = 1.0  # seconds between two attempts to subscribe (a refused SUBSCRIBE, say)
 #: A PING goes down the subscription every POLL_INTERVAL; silent this long, it counts as dead (a
 #: partition leaves a connection open that will never deliver anything) and is replaced.
@@ -205,7 +207,10 @@ class SharedConfig:
         Redis could not be reached or refused; nothing changed).
         """
         async with self._lock:
-            for _ in range(CHANGE_ATTEMPTS):
+            for attempt in range(CHANGE_ATTEMPTS):
+                if attempt:  # lost to another writer: let it finish (two equally fast loops
+                    # would otherwise keep colliding)
+                    await asyncio.sleep(random.uniform(0, RETRY_SPREAD * attempt))
                 try:
                     written = await self._try_change(fields, make, enabled)
                 except _Moved:

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 import pytest
 import redis
 
+from cluster import RedisCluster
 from faults import FaultRelay
 from harness import ProxyProcess, RedisServer, wait_for
 from rabbit import Message, RabbitQueue
@@ -247,3 +248,81 @@ def test_two_fleets_with_their_own_lists_do_not_feed_each_other() -> None:
         wait_for(lambda: client.llen("one:key_evt_amqp") == 2 and client.llen("two:key_evt_amqp") == 2, 15)
         time.sleep(2)
         assert (client.llen("one:key_evt_amqp"), client.llen("two:key_evt_amqp")) == (2, 2)
+
+
+# ---- cluster mode: a stream per master, each keeping the guarantees ------------------------------
+
+
+CLUSTER_TOTAL = 30_000
+
+
+def check_per_master(messages: list[Message], total: int) -> tuple[int, int]:
+    """Each master's events: every key at least once, first arrivals in that master's order,
+    duplicates with the first copy's id. Returns (duplicates, gap markers)."""
+    by_node: dict[str, list[Message]] = {}
+    gaps = 0
+    for m in messages:
+        if m.type == "key_evt_amqp.gap":
+            gaps += 1
+            continue
+        node = m.headers["node"]
+        by_node.setdefault(node.decode() if isinstance(node, bytes) else str(node), []).append(m)
+    duplicates = 0
+    seen_keys: set[bytes] = set()
+    for node_messages in by_node.values():
+        first: dict[bytes, str | None] = {}
+        order: list[int] = []
+        for m in node_messages:
+            key = m.body.split(b"\n", 2)[2]
+            if key in first:
+                duplicates += 1
+                assert first[key] == m.message_id, f"duplicate of {key!r} with another message_id"
+            else:
+                first[key] = m.message_id
+                order.append(int(key[1:]))
+        assert order == sorted(order), "first arrivals of one master out of its order"
+        seen_keys |= set(first)
+    missing = {b"k%d" % i for i in range(total)} - seen_keys
+    assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
+    assert len(by_node) == 3
+    return duplicates, gaps
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster() as started:
+        yield started
+
+
+def cluster_fleet(stack: ExitStack, cluster: RedisCluster, queue: RabbitQueue) -> list[ProxyProcess]:
+    cluster.flushall()  # the fleet's keys of the last test too
+    proxies = start_fleet(stack, [cluster.seed_url] * 3, fleet_args(queue))
+    for proxy in proxies:
+        wait_for(lambda: info(proxy)["cluster_sources_subscribed"] == "3", 20)
+    return proxies
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_cluster_fleet_forwarder_leaves(cluster: RedisCluster, queue: RabbitQueue, how: str) -> None:
+    with ExitStack() as stack:
+        proxies = cluster_fleet(stack, cluster, queue)
+        leaving = proxies[0]
+        writer = Writer(proxies[1].port, CLUSTER_TOTAL)
+        writer.start()
+        run_until(writer, CLUSTER_TOTAL // 3)
+        started = time.monotonic()
+        if how == "sigkill":
+            leaving.kill()
+        else:
+            assert leaving.stop() == 0, leaving.log_text()[-3000:]
+        new = the_forwarder(proxies[1:])
+        takeover = wait_written(new, started)
+        writer.join(120)
+        assert writer.error is None, writer.error
+        messages = queue.drain(expected=CLUSTER_TOTAL, idle=3, timeout=120)
+    duplicates, gaps = check_per_master(messages, CLUSTER_TOTAL)
+    print(f"\ncluster, forwarder {how}: takeover {takeover * 1000:.0f} ms, {duplicates} duplicates, "
+          f"{gaps} gap markers")
+    assert gaps == 0
+    if how == "sigterm":
+        assert duplicates == 0
