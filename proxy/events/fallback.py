@@ -111,8 +111,10 @@ class FallbackList:
             replies = reply if isinstance(reply, list) else [reply]
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
-                self._mirror.clear()
                 text = str(reply)
+                if text.startswith("FENCED"):  # the script ran nothing: the list is as it was
+                    raise LinkError(f"not written: {text} (retried once the lease is back)")
+                self._mirror.clear()
                 if text.startswith(("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "READONLY")):
                     # cluster mode: the slot is elsewhere now; reconnect where the map says
                     self.link.reconnect()

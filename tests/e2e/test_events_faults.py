@@ -54,6 +54,8 @@ def check_delivery(messages: list[Message], total: int, max_duplicates: int) -> 
     order: list[bytes] = []
     duplicates = 0
     for m in messages:
+        if m.type == "key_evt_amqp.gap" and m.headers.get("reason") in ("takeover", b"takeover"):
+            continue  # an earlier test's service stopped on this Redis: events since may be lost
         key = m.body.split(b"\n", 2)[2]
         if key in first:
             duplicates += 1
@@ -144,7 +146,8 @@ def test_blocked_broker_does_not_stall_the_pipeline(redis_server: RedisServer, q
         # the reader keeps going and the unconfirmed events reach the fallback list
         # (what was on the wire before the stall may still be confirmed)
         wait_for(lambda: svc.info()["publish_timeouts"] >= 1 and svc.info()["fallback_length"] > 0
-                 and svc.info()["events_confirmed"] + svc.info()["fallback_length"] == 2_000, 15)
+                 and svc.info()["events_confirmed"] + svc.info()["fallback_length"]
+                 == 2_000 + svc.info()["gaps"], 15)  # (the restart gap of an earlier test's service)
         assert svc.info()["events_seen"] >= 2_000
         relay.restore()
         write_sets(redis_server.port, 2_000, total)
