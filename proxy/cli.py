@@ -1,7 +1,8 @@
 """The ``key-evt-amqp`` command line: ``key-evt-amqp serve [flags]``.
 
-Exit status: whatever the server (or the supervisor of ``--workers``) returns, 2 for a bad configuration or usage (the message goes to
-stderr as one ``key-evt-amqp: ...`` line), 0 after ``--help``.
+Exit status: whatever the server (or the supervisor of ``--workers``) returns, 2 for a bad
+configuration or usage (the message goes to stderr as one ``key-evt-amqp: ...`` line), 0 after
+``--help``.
 """
 
 from __future__ import annotations
