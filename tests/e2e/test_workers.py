@@ -55,6 +55,14 @@ def all_workers_answer(proxy: ProxyProcess, count: int) -> set[int]:
     return wait_for(every_worker_answers, timeout=20, message=f"for {count} workers to answer")
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for whoever adopted it counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of ``pid`` and of its children it has waited for (utime stime cutime cstime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -155,12 +163,25 @@ def test_a_stop_signal_stops_every_worker_exit_0_and_the_port_is_free(
             assert proxy.proc.wait(timeout=20) == 0, proxy.log_text()[-3000:]
             elapsed = time.monotonic() - started
         assert elapsed < 10, elapsed  # nothing to wait for: no client owes a reply
-        assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+        assert not any(alive(pid) for pid in pids)
         assert not port_accepts(proxy.port)
         with socket.create_server((proxy.host, proxy.port)):  # no SO_REUSEPORT: nobody holds it
             pass
         assert f"{signum.name}: stopping the workers" in proxy.log_text()
 
+
+
+def test_workers_stop_when_their_supervisor_is_killed(redis_server: RedisServer) -> None:
+    """SIGKILL leaves the supervisor no time to pass anything on: the kernel sends each worker
+    SIGTERM (PR_SET_PDEATHSIG), and no worker keeps the port."""
+    with workers_proxy(redis_server) as proxy:
+        pids = all_workers_answer(proxy, 2)
+        proxy.kill()
+        t0 = time.monotonic()
+        wait_for(lambda: not any(alive(pid) for pid in pids), timeout=20,
+                 message="for the orphaned workers to exit")
+        print(f"orphaned workers exited after {time.monotonic() - t0:.2f}s")
+        assert not port_accepts(proxy.port)
 
 # Worker 2 raises at start, every time; worker 1 serves. Only the test's interpreter is patched.
 CRASH_WORKER_2 = """
