@@ -107,6 +107,7 @@ class RestartPolicy:
     def __init__(self) -> None:
         self.exits: deque[float] = deque(maxlen=BURST + 1)  # the last exits' times: all it needs
         self.delay = 0.0
+        self.unstable = 0  # exits in a row, each after a run shorter than STABLE_S
 
     def exited(self, now: float, ran_for: float) -> float:
         """The worker exited at ``now`` after running ``ran_for`` seconds: seconds to wait before
@@ -114,15 +115,14 @@ class RestartPolicy:
         if ran_for >= STABLE_S:
             self.exits.clear()
             self.delay = 0.0
+            self.unstable = 0
+        else:
+            self.unstable += 1
         self.exits.append(now)
         recent = sum(1 for t in self.exits if now - t < WINDOW_S)
         if self.delay or recent > BURST:
             self.delay = min(max(self.delay * 2, FIRST_DELAY_S), MAX_DELAY_S)
         return self.delay
-
-    @property
-    def recent(self) -> int:
-        return len(self.exits)
 
 
 def exit_text(status: int) -> str:
@@ -219,7 +219,7 @@ class Supervisor:
         ran_for = now - slot.started
         delay = slot.policy.exited(now, ran_for)
         when = "now" if not delay else (
-            f"in {delay:g}s ({slot.policy.recent} exits without a {STABLE_S:g}s run)")
+            f"in {delay:g}s ({slot.policy.unstable} exits in a row, each before {STABLE_S:g}s)")
         log.warning("worker %d (pid %s) %s after %.1fs; restarting it %s", slot.index,
                     slot.pid, exit_text(status), ran_for, when)
         slot.pid = None
@@ -231,7 +231,13 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         slot.restart_at = None
         slot.started = self.clock()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of memory or processes: try again later, as after a crash
+            delay = max(slot.policy.exited(slot.started, 0.0), FIRST_DELAY_S)
+            log.error("worker %d: cannot fork (%s); trying again in %gs", slot.index, exc, delay)
+            slot.restart_at = slot.started + delay
+            return
         if pid == 0:
             self._be_worker(slot.index)
         slot.pid = pid

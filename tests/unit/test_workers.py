@@ -32,6 +32,7 @@ def test_the_first_exits_in_a_window_restart_at_once_then_the_delay_doubles_to_i
     assert backoff[0] == FIRST_DELAY_S
     assert all(b == min(a * 2, MAX_DELAY_S) for a, b in zip(backoff, backoff[1:])), backoff
     assert backoff[-1] == MAX_DELAY_S
+    assert policy.unstable == BURST + 8  # what the restart log line says
 
 
 def test_exits_spread_wider_than_the_window_never_back_off() -> None:
@@ -48,6 +49,7 @@ def test_backoff_lasts_until_a_stable_run_not_until_the_window_empties() -> None
     assert policy.exited(1000.0, 0.1) == 2 * FIRST_DELAY_S
     # ... until the worker ran STABLE_S: that exit is restarted at once, and counting restarts.
     assert policy.exited(2000.0, STABLE_S) == 0.0
+    assert policy.unstable == 0
     assert delays(policy, [(2000.0 + i, 0.1) for i in range(1, BURST)]) == [0.0] * (BURST - 1)
 
 
