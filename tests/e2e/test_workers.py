@@ -202,9 +202,12 @@ sys.exit(main())
 
 
 class CrashingWorkerProxy(ProxyProcess):
+    """Always this checkout's code (KEA_PROXY_COMMAND cannot be patched like this)."""
+
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-c", CRASH_WORKER_2, *super().argv[3:]]
+        return [sys.executable, "-c", CRASH_WORKER_2, "serve", "--listen", f"{self.host}:{self.port}",
+                "--upstream", self.upstream_url, *self.extra_args]
 
 
 def test_a_worker_crashing_at_start_is_restarted_with_backoff(redis_server: RedisServer) -> None:
