@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,20 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def workers_proxy(redis_server: RedisServer, *args: str, cls: type[ProxyProcess] = ProxyProcess,
-                  ) -> ProxyProcess:
-    return cls(redis_server.url, ("--workers", "2", "--amqp", unreachable_amqp_url(), *args))
+@contextmanager
+def workers_proxy(redis_server: RedisServer, *args: str, workers: str = "2",
+                  cls: type[ProxyProcess] = ProxyProcess) -> Iterator[ProxyProcess]:
+    """The proxy with ``--workers``, stopped by SIGTERM at the end while Redis still runs: its
+    supervisor then bounds the workers' stop. (The harness's SIGKILL would leave them to stop on
+    their own, racing the end of the test's Redis.)"""
+    with cls(redis_server.url, ("--workers", workers, "--amqp", unreachable_amqp_url(), *args)) as proxy:
+        try:
+            yield proxy
+        finally:
+            if proxy.is_running():
+                pids = children(proxy.pid)
+                proxy.stop(timeout=30)
+                assert not [pid for pid in pids if alive(pid)], "a worker outlived its supervisor"
 
 
 @pytest.fixture
@@ -258,7 +270,7 @@ def test_a_bad_config_fails_before_any_worker_starts() -> None:
 
 def test_workers_auto_is_one_per_usable_core(redis_server: RedisServer) -> None:
     cores = len(os.sched_getaffinity(0))
-    with ProxyProcess(redis_server.url, ("--workers", "auto", "--amqp", unreachable_amqp_url())) as proxy:
+    with workers_proxy(redis_server, workers="auto") as proxy:
         pids = wait_for(lambda: len(children(proxy.pid)) == cores and children(proxy.pid), timeout=20)
         with RawClient(proxy.port) as raw:
             config = raw.command("key_evt_amqp.config_get")
