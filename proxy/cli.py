@@ -1,7 +1,8 @@
 """The ``key-evt-amqp`` command line: ``key-evt-amqp serve [flags]``.
 
-Exit status: whatever the server returns, 2 for a bad configuration or usage (the message goes to
-stderr as one ``key-evt-amqp: ...`` line), 0 after ``--help``.
+Exit status: whatever the server (or the supervisor of ``--workers``) returns, 2 for a bad
+configuration or usage (the message goes to stderr as one ``key-evt-amqp: ...`` line), 0 after
+``--help``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from proxy import settings
+from proxy import settings, workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings.ConfigError as exc:
         print(f"key-evt-amqp: {exc}", file=sys.stderr)
         return 2
-    from proxy.server import run  # late: the server pulls in asyncio, uvloop and aiormq
+    # Late: the server pulls in asyncio, uvloop and aiormq. Before forking workers, so that each
+    # starts with them imported (and an install that cannot import them fails here, once).
+    from proxy.server import run
 
-    return run(config)
+    if config.workers == 1:
+        return run(config)
+    from proxy.server import configure_logging
+
+    try:
+        workers.check_port(config.listen_host, config.listen_port)
+    except OSError as exc:
+        print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 1
+    configure_logging(config, "supervisor")
+    return workers.Supervisor(config, run).run()

@@ -75,6 +75,10 @@ class Config:
     client_buffer_limit: int = 1024 * 1024  # bytes buffered per direction before pausing the peer
     shutdown_timeout: float = 5 * SECONDS
 
+    # 1: this process serves. More: a supervisor and that many worker processes sharing the
+    # listening port (proxy/workers.py). Fixed at start.
+    workers: int = 1
+
     log_level: str = "INFO"
 
     #: Where each start value came from ((field, "file" | "env" | "flag"), ...; a field not

@@ -10,6 +10,7 @@ counters of the clients and of the event pipeline.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from proxy.config import Config
 from proxy.errors import CommandError, ConfigError
 from proxy.live import LiveConfig
 from proxy.state import ServerState
+from proxy.workers import Worker
 
 __all__ = ["Change", "Events", "Runtime", "Settings"]
 
@@ -80,11 +82,12 @@ class Runtime:
     """The live configuration, the event service and the client counters, as commands see them."""
 
     def __init__(self, live: LiveConfig, events: Events, server_state: ServerState,
-                 settings: Settings) -> None:
+                 settings: Settings, worker: Worker | None = None) -> None:
         self.live = live
         self.events = events
         self.server_state = server_state
         self.settings = settings
+        self.worker = worker  # None: the single process
         self.started = time.time()
 
     @property
@@ -149,6 +152,8 @@ class Runtime:
         clients = self.server_state
         values: dict[str, object] = {
             "uptime_in_seconds": int(time.time() - self.started),
+            "worker": self.worker.index if self.worker is not None else 0,
+            "worker_pid": os.getpid(),
             "connected_clients": len(clients.clients),
             "total_connections_received": clients.accepted,
             "rejected_connections": clients.rejected,

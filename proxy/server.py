@@ -22,6 +22,7 @@ from proxy.live import LiveConfig
 from proxy.relay import ClientConnection
 from proxy.runtime import Runtime
 from proxy.state import ServerState
+from proxy.workers import Worker
 
 log = logging.getLogger("key_evt_amqp")
 
@@ -36,15 +37,17 @@ class Server:
         self.topology = topology  # None: a single Redis behind the proxy
         self._listener: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on ``host``:``port``; raises OSError when that is not possible."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Listen on ``host``:``port``; raises OSError when that is not possible. ``reuse_port``:
+        beside the other workers' sockets on the same port (``SO_REUSEPORT``, proxy/workers.py)."""
         factory: Callable[[], asyncio.Protocol]
         if self.topology is None:
             factory = partial(ClientConnection, self.state, self.runtime)
         else:
             factory = partial(ClusterClientConnection, self.state, self.runtime, self.topology)
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        self._listener = await loop.create_server(factory, host, port, reuse_address=True,
+                                                  reuse_port=reuse_port, backlog=1024)
 
     @property
     def addresses(self) -> list[str]:
@@ -85,8 +88,9 @@ async def _cluster_topology(config: Config) -> Topology | None:
     return topology
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
-    """Run the proxy until SIGTERM or SIGINT; returns the process exit code.
+async def serve(config: Config, *, ready: asyncio.Event | None = None,
+                worker: Worker | None = None) -> int:
+    """Run the proxy until SIGTERM or SIGINT, alone or as ``worker``; returns the exit code.
 
     Everything is built in the order it depends on: the live configuration, the cluster map (in
     cluster mode), the fleet's shared settings (read from Redis), the event service, what the connections share, what our commands act on, and
@@ -99,10 +103,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     config = live.current
     events = EventService(live, topology)
     state = ServerState(config)
-    runtime = Runtime(live, events, state, shared)
+    runtime = Runtime(live, events, state, shared, worker)
     server = Server(state, runtime, topology)
     try:
-        await server.start(config.listen_host, config.listen_port)
+        await server.start(config.listen_host, config.listen_port, reuse_port=worker is not None)
     except OSError as exc:
         await shared.stop()
         if topology is not None:
@@ -148,12 +152,21 @@ def _return_freed_memory() -> None:
         pass
 
 
-def run(config: Config) -> int:
-    """Run the proxy until SIGTERM or SIGINT; returns the process exit code."""
-    _return_freed_memory()
+def configure_logging(config: Config, tag: str = "") -> None:
+    """Log to stderr at the configured level; ``tag`` (``worker 2``, ``supervisor``) goes on
+    every line, with the pid, so the lines of several processes can be told apart."""
+    where = f" [{tag}, pid %(process)d]" if tag else ""
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s",
         stream=sys.stderr,
+        force=True,  # a worker replaces the supervisor's set-up it inherited
     )
-    return uvloop.run(serve(config))
+
+
+def run(config: Config, worker: Worker | None = None) -> int:
+    """Run the proxy until SIGTERM or SIGINT, alone or as ``worker`` of a
+    :class:`~proxy.workers.Supervisor`; returns the process exit code."""
+    _return_freed_memory()
+    configure_logging(config, f"worker {worker.index}" if worker is not None else "")
+    return uvloop.run(serve(config, worker=worker))

@@ -25,6 +25,7 @@ from typing import NoReturn, cast
 import argparse
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -88,6 +89,16 @@ def _fallback_size(text: str) -> int:
 
 def _positive_int(text: str) -> int:
     return _int(text, 1, LLONG_MAX, "expected an integer >= 1")
+
+
+#: Most worker processes ``--workers`` starts (a security limit: a typo must not fork thousands).
+WORKERS_MAX = 1024
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return len(os.sched_getaffinity(0))  # the cores this process may run on, not all there are
+    return _int(text, 1, WORKERS_MAX, f"expected a number of processes from 1 to {WORKERS_MAX}, or auto")
 
 
 def _seconds(text: str) -> float:
@@ -282,6 +293,9 @@ _OPTIONS = {
                 _field("client_buffer_limit", _positive_int), _shown("client_buffer_limit")),
         _Option("shutdown-timeout", "SECONDS", "grace period for clients and in-flight messages",
                 _field("shutdown_timeout", _seconds), _shown("shutdown_timeout")),
+        _Option("workers", "N|auto", "processes serving clients on the same port, under a supervisor "
+                "that restarts them (auto: one per usable core)",
+                _field("workers", _workers), _shown("workers")),
         _Option("log-level", "LEVEL", "one of " + ", ".join(_LOG_LEVELS),
                 _field("log_level", _log_level), _shown("log_level")),
     )
