@@ -270,7 +270,7 @@ class EventService:
         """The fallback list vanished and ``count`` of its elements were not in memory: the gap
         marker that takes their place (``headers`` say why and how many)."""
         address = self.fallback.address
-        source = f"{address.host}:{address.port}".encode()
+        source = address.name.encode()
         headers = ((b"reason", b"fallback_lost"), (b"lost", b"%d" % count))
         return gap_event(self._ids.next(), int(time.time() * 1000), start_ms, end_ms, source, headers)
 
@@ -285,7 +285,7 @@ class EventService:
         self.gap_ms += end_ms - start_ms
         log.warning("keyspace events between %d and %d (%d ms) are lost: the subscription to Redis "
                     "was down; a gap marker follows in the stream", start_ms, end_ms, end_ms - start_ms)
-        source = f"{self.upstream.host}:{self.upstream.port}".encode()
+        source = self.upstream.name.encode()
         self.pipeline.accept(gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
 
     def _on_subscribed(self) -> None:
