@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import uvloop
 from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
+from proxy.connect import open_redis_streams, tls_reason
 from proxy.events.service import EventService
 from proxy.live import LiveConfig
 from proxy.relay import ClientConnection
@@ -75,6 +78,38 @@ class Server:
             await self._listener.wait_closed()
 
 
+async def _check_upstream(config: Config) -> str | None:
+    """One round trip to the upstream at start. A failed TLS handshake (wrong CA, name, client
+    certificate) is a configuration error: its reason is returned and the start fails. Redis not
+    answering is not (it may come later: clients are closed until then): a WARNING, None."""
+    upstream = config.upstream
+    if upstream.tls is not None and not upstream.tls.verify:
+        log.warning("TLS to Redis WITHOUT certificate verification (--upstream-tls-insecure): "
+                    "anyone on the path can read and change what the proxy says to Redis")
+    try:
+        reader, writer = await open_redis_streams(upstream, timeout=config.connect_timeout)
+        try:
+            writer.write(b"PING\r\n")
+            reply = await asyncio.wait_for(reader.read(256), config.connect_timeout)
+        finally:
+            writer.close()
+        if not reply:
+            raise ConnectionResetError(errno.ECONNRESET, "closed the connection at once")
+    except ssl.SSLError as exc:
+        return f"TLS: {tls_reason(exc)}"
+    except (OSError, asyncio.TimeoutError) as exc:
+        if upstream.tls is not None and isinstance(exc, ConnectionResetError):
+            # TLS 1.3: a server that refuses our certificate says so after the handshake
+            return f"TLS: the server closed the connection after the handshake ({tls_reason(exc)}): " \
+                   "does it require a client certificate (--upstream-tls-cert)?"
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else tls_reason(exc)
+        if upstream.tls is not None and isinstance(exc, asyncio.TimeoutError):
+            reason += ", TLS handshake unanswered: is it a TLS port?"
+        log.warning("Redis at %s does not answer now (%s): clients are closed until it does",
+                    upstream.masked_url(), reason)
+    return None
+
+
 async def _cluster_topology(config: Config) -> Topology | None:
     """The cluster's slot map, kept current, when the upstream is a cluster; None for one Redis."""
     if not await is_cluster(config):
@@ -91,6 +126,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     cluster mode), the event service, what the connections share, what our commands act on, and
     the listener.
     """
+    problem = await _check_upstream(config)
+    if problem is not None:
+        print(f"key-evt-amqp: cannot connect to Redis at {config.upstream.masked_url()}: {problem}",
+              file=sys.stderr)
+        return 1
     live = LiveConfig(config)
     topology = await _cluster_topology(config)
     events = EventService(live, topology)
