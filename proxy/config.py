@@ -100,6 +100,13 @@ class Config:
     # Where clients connect, and the Redis we stand in front of.
     listen_host: str = "127.0.0.1"
     listen_port: int = 6380
+    listen_unix: str | None = None  # set: clients connect to this unix socket instead (--listen unix:PATH)
+    listen_perm: int = 0o660  # the unix socket's file mode
+    # TLS for clients, instead of plain TCP (or on the unix socket): the proxy's certificate and
+    # key, and the CAs client certificates must chain to (None: no client certificate asked for).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     upstream: RedisAddress = field(default_factory=RedisAddress)
 
     # RabbitMQ, with the module's defaults (its port default 5627 was a typo: 5672 is right).

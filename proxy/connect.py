@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from proxy.config import RedisAddress, RedisTLS, Sentinels
 
-__all__ = ["open_redis", "open_redis_streams", "set_locator", "tls_context", "tls_reason"]
+__all__ = ["open_redis", "open_redis_streams", "server_tls_context", "set_locator", "tls_context", "tls_reason"]
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -55,6 +55,22 @@ def tls_context(tls: RedisTLS) -> ssl.SSLContext:
     if not tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@functools.lru_cache(maxsize=2)
+def server_tls_context(cert_file: str, key_file: str, ca_file: str | None) -> ssl.SSLContext:
+    """The listener's context (``--tls-cert``, ``--tls-key``, ``--tls-ca``): built here too, so
+    that every TLS context of the proxy comes from one module. With ``ca_file`` a client must
+    show a certificate that chains to it. Raises ValueError(reason) as :func:`tls_context`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+        if ca_file is not None:
+            context.load_verify_locations(cafile=ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(tls_reason(exc)) from None
     return context
 
 

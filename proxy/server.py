@@ -18,8 +18,9 @@ import uvloop
 from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
-from proxy.connect import open_redis_streams, tls_reason
+from proxy.connect import open_redis_streams, server_tls_context, tls_reason
 from proxy.events.service import EventService
+from proxy.listen import Listener, open_listener
 from proxy.live import LiveConfig
 from proxy.relay import ClientConnection
 from proxy.runtime import Runtime
@@ -36,26 +37,25 @@ class Server:
         self.state = state
         self.runtime = runtime
         self.topology = topology  # None: a single Redis behind the proxy
-        self._listener: asyncio.base_events.Server | None = None
+        self._listener: Listener | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on ``host``:``port``; raises OSError when that is not possible."""
+    async def start(self, config: Config) -> None:
+        """Listen where ``config`` says (TCP or a unix socket, plain or TLS); raises OSError when
+        that is not possible."""
         factory: Callable[[], asyncio.Protocol]
         if self.topology is None:
             factory = partial(ClientConnection, self.state, self.runtime)
         else:
             factory = partial(ClusterClientConnection, self.state, self.runtime, self.topology)
-        loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            tls = server_tls_context(config.tls_cert, config.tls_key, config.tls_ca)
+        self._listener = await open_listener(factory, config, tls)
 
     @property
     def addresses(self) -> list[str]:
         assert self._listener is not None
-        out = []
-        for sock in self._listener.sockets:
-            host, port = sock.getsockname()[:2]
-            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return out
+        return self._listener.addresses
 
     async def shutdown(self, timeout: float) -> None:
         """Stop listening, stop reading clients, let replies owed finish, then close."""
@@ -138,18 +138,18 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     runtime = Runtime(live, events, state)
     server = Server(state, runtime, topology)
     try:
-        await server.start(config.listen_host, config.listen_port)
+        await server.start(config)
     except OSError as exc:
         if topology is not None:
             topology.close()
-        print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
-              f"{exc.strerror}", file=sys.stderr)
+        where = f"unix:{config.listen_unix}" if config.listen_unix else f"{config.listen_host}:{config.listen_port}"
+        print(f"key-evt-amqp: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
         return 1
     await events.start()
     log.info(
-        "key-evt-amqp listening on %s, relaying to %s; events %r with keymasks %s to "
+        "key-evt-amqp listening on %s%s, relaying to %s; events %r with keymasks %s to "
         "amqp://%s:***@%s:%d%s exchange %r routing key %r",
-        ", ".join(server.addresses), config.upstream.masked_url(), config.events,
+        ", ".join(server.addresses), _tls_note(config), config.upstream.masked_url(), config.events,
         [m.decode("utf-8", "replace") for m in config.keymasks] or "(none: nothing forwarded)",
         config.amqp_user, config.amqp_host, config.amqp_port, config.amqp_vhost,
         config.exchange, config.routing_key,
@@ -167,6 +167,12 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     await events.stop()
     log.info("stopped")
     return 0
+
+
+def _tls_note(config: Config) -> str:
+    if config.tls_cert is None:
+        return ""
+    return " (TLS, client certificates required)" if config.tls_ca else " (TLS)"
 
 
 def _return_freed_memory() -> None:

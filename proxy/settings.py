@@ -35,7 +35,7 @@ from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
 from protocol.keymask import normalize_masks
 from protocol.requests import UnbalancedQuotes, split_args
 from proxy.config import Config, RedisAddress, RedisTLS
-from proxy.connect import tls_context
+from proxy.connect import server_tls_context, tls_context
 from proxy.errors import ConfigError
 from proxy.redis_url import FORMS, parse_redis_url, redact_redis_url
 
@@ -125,6 +125,13 @@ def _key_bytes(text: str) -> bytes:
 
 
 def _listen(text: str) -> dict[str, object]:
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError("expected unix:/absolute/path.sock")
+        if len(path.encode()) > 107:  # sun_path holds 108 bytes with the terminating NUL
+            raise ValueError("a unix socket path holds at most 107 bytes")
+        return {"listen_unix": path}
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
     else:
@@ -264,7 +271,28 @@ def _show_amqp(c: Config) -> str:
     return f"amqp://{c.amqp_user}:***@{host}:{c.amqp_port}/{vhost}"
 
 
+def _perm(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError("expected an octal file mode such as 660")
+    return int(text, 8)
+
+
+def _check_listen_tls(changes: dict[str, object]) -> None:
+    cert, key, ca = (changes.get(n) for n in ("tls_cert", "tls_key", "tls_ca"))
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if ca is not None and cert is None:
+        raise ConfigError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    if cert is not None:
+        try:
+            server_tls_context(cast(str, cert), cast(str, key), cast("str | None", ca))
+        except ValueError as exc:
+            raise ConfigError(f"client TLS: {exc}") from None
+
+
 def _show_listen(c: Config) -> str:
+    if c.listen_unix is not None:
+        return f"unix:{c.listen_unix}"
     host = f"[{c.listen_host}]" if ":" in c.listen_host else c.listen_host
     return f"{host}:{c.listen_port}"
 
@@ -300,8 +328,15 @@ _OPTIONS = {
     for o in (
         _Option("config", "PATH", "TOML file with these settings (keys: flag names with _)",
                 None, lambda c: "none"),
-        _Option("listen", "HOST:PORT", "where clients connect ([::1]:6380 for IPv6)",
-                _listen, _show_listen),
+        _Option("listen", "HOST:PORT", "where clients connect ([::1]:6380 for IPv6, unix:/path.sock "
+                "for a unix socket)", _listen, _show_listen),
+        _Option("listen-perm", "OCTAL", "file mode of the unix socket of --listen unix:...",
+                _field("listen_perm", _perm), lambda c: f"{c.listen_perm:o}"),
+        _Option("tls-cert", "PEM", "the proxy's certificate: clients must then speak TLS (on --listen, "
+                "instead of plain TCP)", _field("tls_cert", _pem_file), lambda c: "none: plain TCP"),
+        _Option("tls-key", "PEM", "its private key", _field("tls_key", _pem_file), lambda c: "none"),
+        _Option("tls-ca", "PEM", "require client certificates that chain to these CAs",
+                _field("tls_ca", _pem_file), lambda c: "none: no client certificate asked for"),
         _Option("upstream", "URL", f"the Redis behind the proxy: {FORMS}",
                 _upstream, lambda c: c.upstream.masked_url(), redact_redis_url),
         _Option("upstream-password-file", "PATH", "read the upstream's password from this file "
@@ -469,6 +504,7 @@ def _build(layers: Mapping[str, _Entry]) -> Config:
                 shown = " " + _quote(option.redact(raw)) if option.redact else ""  # type: ignore  # redact takes the raw value, whatever its type
                 raise ConfigError(f"{prefix}invalid {label}{shown}: {exc}") from None
     _fold_upstream(changes)
+    _check_listen_tls(changes)
     config = Config(**changes)  # type: ignore[arg-type]  # field values of mixed types; Config's __post_init__ validates them
     if "module_args" in layers:
         (prefix, label), raw = layers["module_args"]

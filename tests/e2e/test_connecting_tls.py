@@ -8,14 +8,19 @@ connection would not get a single byte through. A bad TLS setting stops the star
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from harness import HOST, REPO_ROOT, ProxyProcess, RedisServer, free_port, unreachable_amqp_url, wait_for
+from harness import (HOST, REPO_ROOT, ProxyProcess, RedisServer, encode_command, exchange, free_port,
+                     unreachable_amqp_url, wait_for)
 from rabbit import RabbitQueue
 from tls import Certificates, TlsRedisServer
 
@@ -172,3 +177,94 @@ def test_cluster_over_tls(certs: Certificates) -> None:
         for node in nodes:
             node.close()
 
+
+
+# -- TLS for clients: the proxy's listener ------------------------------------------------------------
+
+
+def tls_client(proxy: ProxyProcess, certs: Certificates, with_cert: bool = False, **kw: object) -> redis.Redis:
+    options: dict[str, object] = {"ssl": True, "ssl_ca_certs": str(certs.ca)}
+    if with_cert:
+        options.update(ssl_certfile=str(certs.client_cert), ssl_keyfile=str(certs.client_key))
+    options.update(kw)
+    return proxy.client(**options)
+
+
+def listener_args(certs: Certificates, client_ca: Path | None = None) -> list[str]:
+    args = ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--amqp", unreachable_amqp_url()]
+    return args + (["--tls-ca", str(client_ca)] if client_ca else [])
+
+
+def test_clients_speak_tls_to_the_proxy(certs: Certificates) -> None:
+    """redis-py with ``ssl=True`` and ``redis-cli --tls`` work; a plain client and a failed handshake
+    close only that connection."""
+    with RedisServer() as rs, ProxyProcess(rs.url, listener_args(certs)) as proxy:
+        with tls_client(proxy, certs) as client:
+            assert client.set("k", "v") and client.get("k") == b"v"
+            big = os.urandom(4 * 1024 * 1024)
+            assert client.set("big", big) and client.get("big") == big
+            pipe = client.pipeline(transaction=False)
+            for _ in range(3000):
+                pipe.incr("n")
+            assert pipe.execute()[-1] == 3000
+            # a plain client on the TLS port: its bytes are no handshake, it is closed, unanswered
+            data, closed = exchange(proxy.port, [b"PING\r\n"], idle=5)
+            assert closed and data == b""
+            # a client that does not trust the proxy's certificate gives up in the handshake
+            with pytest.raises(redis.ConnectionError):
+                tls_client(proxy, certs, ssl_ca_certs=str(certs.wrong_ca)).ping()
+            assert client.get("k") == b"v"  # the first client is still served
+        cli = subprocess.run(["redis-cli", "--tls", "--cacert", str(certs.ca), "-h", HOST, "-p", str(proxy.port),
+                              "GET", "k"], capture_output=True, text=True, timeout=30)
+        assert cli.returncode == 0 and cli.stdout.strip() == "v", cli
+        assert proxy.is_running()
+        log = proxy.log_text()
+    assert f"listening on {HOST}:{proxy.port} (TLS)" in log
+    assert "Traceback" not in log and "handshake" not in log.lower()
+
+
+def test_client_certificates_required(certs: Certificates) -> None:
+    with RedisServer() as rs, ProxyProcess(rs.url, listener_args(certs, client_ca=certs.ca)) as proxy:
+        with tls_client(proxy, certs, with_cert=True) as client:
+            assert client.ping() is True
+            with pytest.raises(redis.ConnectionError):
+                tls_client(proxy, certs).ping()  # no certificate
+            assert client.set("still", "served")
+        other = Certificates(Path(proxy.log_path).parent / "other")  # a certificate of another CA
+        with pytest.raises(redis.ConnectionError):
+            tls_client(proxy, certs, ssl_certfile=str(other.client_cert), ssl_keyfile=str(other.client_key)).ping()
+        cli = subprocess.run(["redis-cli", *certs.redis_cli_args(), "-h", HOST, "-p", str(proxy.port), "PING"],
+                             capture_output=True, text=True, timeout=30)
+        assert cli.stdout.strip() == "PONG", cli
+        assert proxy.is_running()
+        assert "listening on" in proxy.log_text() and "client certificates required" in proxy.log_text()
+
+
+def test_flow_control_with_tls_on_both_sides(certs: Certificates, tls_redis: TlsRedisServer) -> None:
+    """A TLS client that sends 100 GETs of a 1 MiB value and reads nothing: the proxy stops reading
+    Redis (pause/resume through both TLS transports), its memory stays bounded, and every reply
+    arrives whole once the client reads."""
+    value = b"v" * (1024 * 1024)
+    with tls_redis.client() as direct:
+        direct.set("one-mib", value)
+    args = [*certs.proxy_args(), *listener_args(certs)]
+    with ProxyProcess(tls_redis.url, args) as proxy:
+        with tls_client(proxy, certs) as client:
+            assert client.ping()
+        start_rss = proxy.rss_bytes()
+        context = certs.client_context(with_cert=False)
+        with socket.create_connection((HOST, proxy.port), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname=HOST) as sock:
+            count = 100
+            sock.sendall(encode_command("GET", "one-mib") * count)
+            time.sleep(2)
+            grown = proxy.rss_bytes() - start_rss
+            expected = count * (len(value) + len(b"$1048576\r\n\r\n"))
+            received = 0
+            while received < expected:
+                chunk = sock.recv(1 << 20)
+                assert chunk, "closed early"
+                received += len(chunk)
+        assert received == expected
+    print(f"\nRSS grew by {grown / 1e6:.1f} MB for {expected / 1e6:.0f} MB of unread replies")
+    assert grown < 60 * 1024 * 1024, f"the proxy grew by {grown / 1e6:.0f} MB while the client read nothing"

@@ -139,3 +139,30 @@ def test_misspelled_serve_flag_shows_serves_usage(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err.startswith("usage: key-evt-amqp serve ")
     assert "unrecognized arguments: --upstrem" in err
+
+
+def test_listen_unix_and_client_tls_settings(tmp_path: Path) -> None:
+    import trustme
+
+    config = load(["--listen", "unix:/run/kea.sock", "--listen-perm", "600"], {})
+    assert (config.listen_unix, config.listen_perm) == ("/run/kea.sock", 0o600)
+    assert config.listen_port == Config().listen_port
+    for bad, reason in ((["--listen", "unix:kea.sock"], "unix:/absolute/path.sock"),
+                        (["--listen", "unix:/" + "x" * 120], "at most 107 bytes"),
+                        (["--listen-perm", "999"], "octal file mode")):
+        with pytest.raises(ConfigError, match=reason):
+            load(bad, {})
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    pem = tmp_path / "server.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    config = load(["--tls-cert", str(pem), "--tls-key", str(pem)], {})
+    assert (config.tls_cert, config.tls_key, config.tls_ca) == (str(pem), str(pem), None)
+    with pytest.raises(ConfigError, match="go together"):
+        load(["--tls-cert", str(pem)], {})
+    with pytest.raises(ConfigError, match="needs --tls-cert"):
+        load(["--tls-ca", str(pem)], {})
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="client TLS: "):
+        load(["--tls-cert", str(garbage), "--tls-key", str(garbage)], {})
