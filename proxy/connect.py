@@ -103,8 +103,15 @@ async def open_redis(address: RedisAddress, protocol_factory: Callable[[], P], *
     ``ssl.SSLError`` when the TLS handshake fails: :func:`tls_reason` words it), and
     ``TimeoutError`` (an ``OSError`` too) after ``timeout`` seconds: the caller decides whether
     that means closing a client, retrying later or reporting the node as down."""
+    if address.sentinel is not None:
+        located = await _located(address, timeout)
+        transport, protocol = await open_redis(located, protocol_factory, timeout=timeout)
+        if await _located(address, timeout) != located:
+            # the master changed while we connected: the watch has closed everyone else by now
+            transport.abort()
+            raise ConnectionResetError(errno.ECONNRESET, "the master changed while connecting")
+        return transport, protocol
     loop = asyncio.get_running_loop()
-    address = await _located(address, timeout)
     options: dict[str, Any] = {}
     if address.tls is not None:
         options = {"ssl": tls_context(address.tls), "ssl_handshake_timeout": timeout,

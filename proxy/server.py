@@ -18,12 +18,14 @@ import uvloop
 from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
+from proxy.errors import SentinelError
 from proxy.connect import open_redis_streams, server_tls_context, tls_reason
 from proxy.events.service import EventService
 from proxy.listen import Listener, open_listener
 from proxy.live import LiveConfig
 from proxy.relay import ClientConnection
 from proxy.runtime import Runtime
+from proxy.sentinel import SentinelWatch
 from proxy.state import ServerState
 
 log = logging.getLogger("key_evt_amqp")
@@ -56,6 +58,14 @@ class Server:
     def addresses(self) -> list[str]:
         assert self._listener is not None
         return self._listener.addresses
+
+    def close_clients(self) -> None:
+        """Close every client connection as Redis closes them (no reply, a plain close): Sentinel
+        moved the master and has the old one close its clients too. They connect again, to the
+        new master."""
+        for client in list(self.state.clients):
+            if client.transport is not None:
+                client.transport.close()
 
     async def shutdown(self, timeout: float) -> None:
         """Stop listening, stop reading clients, let replies owed finish, then close."""
@@ -112,6 +122,8 @@ async def _check_upstream(config: Config) -> str | None:
 
 async def _cluster_topology(config: Config) -> Topology | None:
     """The cluster's slot map, kept current, when the upstream is a cluster; None for one Redis."""
+    if config.upstream.sentinel is not None or config.upstream.unix_path is not None:
+        return None  # a cluster is reached at a seed's TCP address
     if not await is_cluster(config):
         return None
     topology = Topology(config.upstream)
@@ -126,17 +138,29 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     cluster mode), the event service, what the connections share, what our commands act on, and
     the listener.
     """
+    watch: SentinelWatch | None = None
+    if config.upstream.sentinel is not None:
+        watch = SentinelWatch(config.upstream, config.connect_timeout)
+        try:
+            await watch.start()
+        except SentinelError as exc:
+            print(f"key-evt-amqp: cannot find the master via Sentinel: {exc}", file=sys.stderr)
+            return 1
     problem = await _check_upstream(config)
     if problem is not None:
         print(f"key-evt-amqp: cannot connect to Redis at {config.upstream.masked_url()}: {problem}",
               file=sys.stderr)
+        if watch is not None:
+            await watch.stop()
         return 1
     live = LiveConfig(config)
     topology = await _cluster_topology(config)
-    events = EventService(live, topology)
+    events = EventService(live, topology, watch)
     state = ServerState(config)
     runtime = Runtime(live, events, state)
     server = Server(state, runtime, topology)
+    if watch is not None:  # after the event service's own listener: the subscription moves first
+        watch.listeners.append(lambda old, new, since_ms: server.close_clients())
     try:
         await server.start(config)
     except OSError as exc:
@@ -165,6 +189,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
              config.shutdown_timeout)
     await server.shutdown(config.shutdown_timeout)
     await events.stop()
+    if watch is not None:
+        await watch.stop()
     log.info("stopped")
     return 0
 
