@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 
-from bench import cluster_path, command_path, events, fleet, redis_cost
+from bench import cluster_path, command_path, events, fleet, redis_cost, tls_path
 from bench.amqp_raw import AMQPError, RawAMQP
 from bench.report import machine, markdown, na
 
@@ -51,6 +51,7 @@ SCENARIOS = {
     "memory": redis_cost.memory,
     "cluster_command_path": cluster_path.cluster_command_path,
     "fleet": fleet.fleet,
+    "tls_command_path": tls_path.tls_command_path,
 }
 
 

@@ -8,6 +8,7 @@ configuration or usage (the message goes to stderr as one ``key-evt-amqp: ...`` 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -15,11 +16,20 @@ from collections.abc import Sequence
 from proxy import settings, workers
 
 
-def _parser() -> argparse.ArgumentParser:
+def version() -> str:
+    """The installed distribution's version (the checkout's pyproject.toml when not installed)."""
+    try:
+        return importlib.metadata.version("key-evt-amqp")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
         prog="key-evt-amqp",
         description="A RESP proxy in front of Redis that forwards keyspace events to RabbitMQ.",
     )
+    parser.add_argument("--version", action="version", version=f"key-evt-amqp {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -28,14 +38,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog=settings.HELP_EPILOG,
     )
     settings.add_arguments(serve)
-    return parser
+    return parser, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser, serve = _parser()
     try:
-        _parser().parse_args(argv)
+        _, unknown = parser.parse_known_args(argv)
+        if unknown:  # a misspelled serve flag: serve's usage, not the top level's
+            serve.error("unrecognized arguments: " + " ".join(unknown))
     except SystemExit as exc:  # argparse after --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
     # Only one command so far: argv[0] is "serve", the rest are its flags.

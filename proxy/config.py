@@ -9,11 +9,36 @@ never mutate it: they build a new one with :func:`dataclasses.replace` and put i
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from urllib.parse import quote
 
 SECONDS = 1.0
 
 #: The module's fallback list key, kept so a drop-in replacement finds an existing backlog.
 DEFAULT_FALLBACK_KEY = b"REDIS_MODULE-key_evt_amqp-fallback_storage"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTLS:
+    """How to speak TLS to Redis (``rediss://``). Files are PEM paths; the context is built once
+    from them (:func:`proxy.connect.tls_context`). ``verify`` False (``--upstream-tls-insecure``)
+    accepts any certificate and name: only when asked for explicitly, with a WARNING at start."""
+
+    ca_file: str | None = None  # None: the system's trusted CAs
+    cert_file: str | None = None  # a client certificate (mutual TLS), with key_file
+    key_file: str | None = None
+    server_name: str | None = None  # checked against the certificate (and sent as SNI); None: the host
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Sentinels:
+    """Where Redis Sentinel is asked for the master named ``master`` (``redis+sentinel://``).
+    ``username``/``password`` are the sentinels' own (the master's are the address's)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    master: str
+    username: str | None = None
+    password: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,18 +48,51 @@ class RedisAddress:
     username: str | None = None
     password: str | None = None
     db: int = 0
+    unix_path: str | None = None  # set: a unix socket (host and port are unused)
+    tls: RedisTLS | None = None  # set: TLS (rediss://)
+    sentinel: Sentinels | None = None  # set: host and port are those of the master Sentinel names
 
     def at(self, node: tuple[str, int]) -> RedisAddress:
-        """The same server settings (credentials) at another node of the cluster, in db 0 (a
+        """The same server settings (credentials, TLS) at another node of the cluster, in db 0 (a
         cluster has no other)."""
-        return replace(self, host=node[0], port=node[1], db=0)
+        return replace(self, host=node[0], port=node[1], db=0, unix_path=None, sentinel=None)
+
+    def located(self, node: tuple[str, int]) -> RedisAddress:
+        """The same settings (credentials, TLS, db) at ``node``: the master Sentinel named."""
+        return replace(self, host=node[0], port=node[1], unix_path=None, sentinel=None)
+
+    @property
+    def name(self) -> str:
+        """Which server: ``host:port`` (``[::1]:6379``), the unix socket's path, or
+        ``sentinel:<master>``; for logs and gap markers."""
+        if self.unix_path is not None:
+            return self.unix_path
+        if self.sentinel is not None:
+            return f"sentinel:{self.sentinel.master}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def masked_url(self) -> str:
-        """The address as a URL with the password replaced by ``***``: safe to log or reply."""
+        """The address as a URL with the passwords replaced by ``***``: safe to log or reply."""
         auth = ""
         if self.username or self.password:
-            auth = (self.username or "") + (":***" if self.password else "") + "@"
-        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+            auth = _quote(self.username or "") + (":***" if self.password else "") + "@"
+        if self.unix_path is not None:
+            return f"unix://{auth}{_quote(self.unix_path, '/')}?db={self.db}"
+        scheme = "rediss" if self.tls is not None else "redis"
+        if self.sentinel is not None:
+            hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinel.nodes)
+            query = ""
+            if self.sentinel.username:
+                query += "&sentinel_username=" + _quote(self.sentinel.username)
+            if self.sentinel.password:
+                query += "&sentinel_password=***"
+            query = "?" + query[1:] if query else ""
+            return f"{scheme}+sentinel://{auth}{hosts}/{_quote(self.sentinel.master)}/{self.db}{query}"
+        return f"{scheme}://{auth}{self.name}/{self.db}"
+
+
+def _quote(text: str, safe: str = "") -> str:
+    return quote(text, safe=safe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +100,13 @@ class Config:
     # Where clients connect, and the Redis we stand in front of.
     listen_host: str = "127.0.0.1"
     listen_port: int = 6380
+    listen_unix: str | None = None  # set: clients connect to this unix socket instead (--listen unix:PATH)
+    listen_perm: int = 0o660  # the unix socket's file mode
+    # TLS for clients, instead of plain TCP (or on the unix socket): the proxy's certificate and
+    # key, and the CAs client certificates must chain to (None: no client certificate asked for).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     upstream: RedisAddress = field(default_factory=RedisAddress)
 
     # RabbitMQ, with the module's defaults (its port default 5627 was a typo: 5672 is right).

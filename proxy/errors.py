@@ -7,6 +7,8 @@ Exception tree::
     │                           (passwords as ``***``): print it and exit 2, or send it as ``-ERR``
     ├── TopologyError           no cluster node gave a full slot map; the refresher logs it and
     │                           tries again (the last good map stays in use)
+    ├── SentinelError           at start, no sentinel named a master that says it is one
+    │                           (``redis+sentinel://``): print it and exit 1
     ├── CommandError            one of our ``key_evt_amqp.*`` commands failed: reply ``-`` + ``str(exc)``
     └── EventsError             root of the event pipeline (:mod:`proxy.events.errors`)
         ├── AmqpCommandError    key_evt_amqp.connect / disconnect failed (also a CommandError),
@@ -25,7 +27,7 @@ instances in the pipeline), never exceptions. Failing to connect is the ``OSErro
 
 from __future__ import annotations
 
-__all__ = ["CommandError", "ConfigError", "ProxyError", "TopologyError"]
+__all__ = ["CommandError", "ConfigError", "ProxyError", "SentinelError", "TopologyError"]
 
 
 class ProxyError(Exception):
@@ -38,6 +40,10 @@ class ConfigError(ProxyError):
 
 class TopologyError(ProxyError):
     """No seed or known node answered ``CLUSTER SLOTS`` with a full map."""
+
+
+class SentinelError(ProxyError):
+    """No sentinel named a master that ``ROLE`` confirms; ``str(error)`` gives each one's reason."""
 
 
 class CommandError(ProxyError):

@@ -50,7 +50,7 @@ from protocol.commands import ADMIN_PREFIX, MAX_ADMIN_NAME, NOTICED, Effect, eff
 from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
-from proxy.connect import open_redis
+from proxy.connect import open_redis, tls_reason
 from proxy.ratelog import RateLimitedLog
 from proxy.upstream import UpstreamConnection
 
@@ -182,9 +182,9 @@ class ClientConnection(asyncio.Protocol):
                 address, lambda: UpstreamConnection(self, self.server_state.buffer_limit),
                 timeout=self.server_state.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else tls_reason(exc)
             # One line per interval, not one per client: clients reconnect in tight loops.
-            _quiet_log.warn("unreachable", "cannot reach Redis at %s:%s: %s", address.host, address.port, reason)
+            _quiet_log.warn("unreachable", "cannot reach Redis at %s: %s", address.name, reason)
             # Closed without a reply, as if Redis had refused the connection: clients retry on
             # a lost connection, not on an error reply.
             self._fail(None)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -16,11 +18,15 @@ import uvloop
 from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
+from proxy.errors import SentinelError
+from proxy.connect import open_redis_streams, server_tls_context, tls_reason
 from proxy.events.service import EventService
 from proxy.fleet.shared_config import SharedConfig, locator
+from proxy.listen import Listener, open_listener
 from proxy.live import LiveConfig
 from proxy.relay import ClientConnection
 from proxy.runtime import Runtime
+from proxy.sentinel import SentinelWatch
 from proxy.state import ServerState
 from proxy.workers import Worker
 
@@ -35,28 +41,34 @@ class Server:
         self.state = state
         self.runtime = runtime
         self.topology = topology  # None: a single Redis behind the proxy
-        self._listener: asyncio.base_events.Server | None = None
+        self._listener: Listener | None = None
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
-        """Listen on ``host``:``port``; raises OSError when that is not possible. ``reuse_port``:
-        beside the other workers' sockets on the same port (``SO_REUSEPORT``, proxy/workers.py)."""
+    async def start(self, config: Config, *, reuse_port: bool = False) -> None:
+        """Listen where ``config`` says (TCP or a unix socket, plain or TLS); raises OSError when
+        that is not possible. ``reuse_port``: beside the other workers' sockets on the same port
+        (``SO_REUSEPORT``, proxy/workers.py)."""
         factory: Callable[[], asyncio.Protocol]
         if self.topology is None:
             factory = partial(ClientConnection, self.state, self.runtime)
         else:
             factory = partial(ClusterClientConnection, self.state, self.runtime, self.topology)
-        loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(factory, host, port, reuse_address=True,
-                                                  reuse_port=reuse_port, backlog=1024)
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            tls = server_tls_context(config.tls_cert, config.tls_key, config.tls_ca)
+        self._listener = await open_listener(factory, config, tls, reuse_port=reuse_port)
 
     @property
     def addresses(self) -> list[str]:
         assert self._listener is not None
-        out = []
-        for sock in self._listener.sockets:
-            host, port = sock.getsockname()[:2]
-            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return out
+        return self._listener.addresses
+
+    def close_clients(self) -> None:
+        """Close every client connection as Redis closes them (no reply, a plain close): Sentinel
+        moved the master and has the old one close its clients too. They connect again, to the
+        new master."""
+        for client in list(self.state.clients):
+            if client.transport is not None:
+                client.transport.close()
 
     async def shutdown(self, timeout: float) -> None:
         """Stop listening, stop reading clients, let replies owed finish, then close."""
@@ -79,8 +91,42 @@ class Server:
             await self._listener.wait_closed()
 
 
+async def _check_upstream(config: Config) -> str | None:
+    """One round trip to the upstream at start. A failed TLS handshake (wrong CA, name, client
+    certificate) is a configuration error: its reason is returned and the start fails. Redis not
+    answering is not (it may come later: clients are closed until then): a WARNING, None."""
+    upstream = config.upstream
+    if upstream.tls is not None and not upstream.tls.verify:
+        log.warning("TLS to Redis WITHOUT certificate verification (--upstream-tls-insecure): "
+                    "anyone on the path can read and change what the proxy says to Redis")
+    try:
+        reader, writer = await open_redis_streams(upstream, timeout=config.connect_timeout)
+        try:
+            writer.write(b"PING\r\n")
+            reply = await asyncio.wait_for(reader.read(256), config.connect_timeout)
+        finally:
+            writer.close()
+        if not reply:
+            raise ConnectionResetError(errno.ECONNRESET, "closed the connection at once")
+    except ssl.SSLError as exc:
+        return f"TLS: {tls_reason(exc)}"
+    except (OSError, asyncio.TimeoutError) as exc:
+        if upstream.tls is not None and isinstance(exc, ConnectionResetError):
+            # TLS 1.3: a server that refuses our certificate says so after the handshake
+            return f"TLS: the server closed the connection after the handshake ({tls_reason(exc)}): " \
+                   "does it require a client certificate (--upstream-tls-cert)?"
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else tls_reason(exc)
+        if upstream.tls is not None and isinstance(exc, asyncio.TimeoutError):
+            reason += ", TLS handshake unanswered: is it a TLS port?"
+        log.warning("Redis at %s does not answer now (%s): clients are closed until it does",
+                    upstream.masked_url(), reason)
+    return None
+
+
 async def _cluster_topology(config: Config) -> Topology | None:
     """The cluster's slot map, kept current, when the upstream is a cluster; None for one Redis."""
+    if config.upstream.sentinel is not None or config.upstream.unix_path is not None:
+        return None  # a cluster is reached at a seed's TCP address
     if not await is_cluster(config):
         return None
     topology = Topology(config.upstream)
@@ -96,30 +142,47 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     cluster mode), the fleet's shared settings (read from Redis), the event service, what the connections share, what our commands act on, and
     the listener.
     """
+    watch: SentinelWatch | None = None
+    if config.upstream.sentinel is not None:
+        watch = SentinelWatch(config.upstream, config.connect_timeout)
+        try:
+            await watch.start()
+        except SentinelError as exc:
+            print(f"key-evt-amqp: cannot find the master via Sentinel: {exc}", file=sys.stderr)
+            return 1
+    problem = await _check_upstream(config)
+    if problem is not None:
+        print(f"key-evt-amqp: cannot connect to Redis at {config.upstream.masked_url()}: {problem}",
+              file=sys.stderr)
+        if watch is not None:
+            await watch.stop()
+        return 1
     live = LiveConfig(config)
     topology = await _cluster_topology(config)
     shared = SharedConfig(live, *locator(config.upstream, topology))
     await shared.load()  # the fleet's settings, before anything reads the live configuration
     config = live.current
-    events = EventService(live, topology)
+    events = EventService(live, topology, watch)
     state = ServerState(config)
     runtime = Runtime(live, events, state, shared, worker)
     server = Server(state, runtime, topology)
+    if watch is not None:  # after the event service's own listener: the subscription moves first
+        watch.listeners.append(lambda old, new, since_ms: server.close_clients())
     try:
-        await server.start(config.listen_host, config.listen_port, reuse_port=worker is not None)
+        await server.start(config, reuse_port=worker is not None)
     except OSError as exc:
         await shared.stop()
         if topology is not None:
             topology.close()
-        print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
-              f"{exc.strerror}", file=sys.stderr)
+        where = f"unix:{config.listen_unix}" if config.listen_unix else f"{config.listen_host}:{config.listen_port}"
+        print(f"key-evt-amqp: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
         return 1
     await shared.start(events.set_enabled)
     await events.start()
     log.info(
-        "key-evt-amqp listening on %s, relaying to %s; events %r with keymasks %s to "
+        "key-evt-amqp listening on %s%s, relaying to %s; events %r with keymasks %s to "
         "amqp://%s:***@%s:%d%s exchange %r routing key %r",
-        ", ".join(server.addresses), config.upstream.masked_url(), config.events,
+        ", ".join(server.addresses), _tls_note(config), config.upstream.masked_url(), config.events,
         [m.decode("utf-8", "replace") for m in config.keymasks] or "(none: nothing forwarded)",
         config.amqp_user, config.amqp_host, config.amqp_port, config.amqp_vhost,
         config.exchange, config.routing_key,
@@ -136,8 +199,16 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     await server.shutdown(config.shutdown_timeout)
     await shared.stop()
     await events.stop()
+    if watch is not None:
+        await watch.stop()
     log.info("stopped")
     return 0
+
+
+def _tls_note(config: Config) -> str:
+    if config.tls_cert is None:
+        return ""
+    return " (TLS, client certificates required)" if config.tls_ca else " (TLS)"
 
 
 def _return_freed_memory() -> None:

@@ -35,8 +35,10 @@ from protocol.events import CLASS_LETTERS, parse_classes
 from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
 from protocol.keymask import normalize_masks
 from protocol.requests import UnbalancedQuotes, split_args
-from proxy.config import Config, RedisAddress
+from proxy.config import Config, RedisAddress, RedisTLS
+from proxy.connect import server_tls_context, tls_context
 from proxy.errors import ConfigError
+from proxy.redis_url import FORMS, parse_redis_url, redact_redis_url
 
 __all__ = [
     "COMMAND_SETTINGS",
@@ -137,6 +139,13 @@ def _key_bytes(text: str) -> bytes:
 
 
 def _listen(text: str) -> dict[str, object]:
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError("expected unix:/absolute/path.sock")
+        if len(path.encode()) > 107:  # sun_path holds 108 bytes with the terminating NUL
+            raise ValueError("a unix socket path holds at most 107 bytes")
+        return {"listen_unix": path}
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
     else:
@@ -167,21 +176,82 @@ def _url(text: str, scheme: str, form: str) -> SplitResult:
 
 
 def _upstream(text: str) -> dict[str, object]:
-    form = "redis://[user:pass@]host:port[/db]"
-    parts = _url(text, "redis", form)
-    db = string2ll(parts.path[1:] or "0")
-    if db is None or db < 0:
-        raise ValueError(f"expected {form} with db a number >= 0")
-    if not parts.hostname:  # _url() refuses a URL without a host
-        raise ValueError(f"expected {form}")
-    address = RedisAddress(
-        host=parts.hostname,
-        port=parts.port or 6379,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        db=db,
-    )
-    return {"upstream": address}
+    return {"upstream": parse_redis_url(text)}
+
+
+def _secret_file(text: str) -> str:
+    """The first line of the file at ``text`` (a password: the trailing newline is not part of
+    it); ValueError names why it cannot be read, never the content."""
+    try:
+        with open(text, "rb") as file:
+            data = file.read(64 * 1024 + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    if len(data) > 64 * 1024:
+        raise ValueError("larger than 64 KiB: not a password file")
+    line = data.split(b"\n", 1)[0].removesuffix(b"\r")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+
+
+def _pem_file(text: str) -> str:
+    if not text:
+        raise ValueError("expected a file name")
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    return text
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+#: Settings that are parts of ``upstream`` (folded into its RedisAddress by _fold_upstream).
+_UPSTREAM_PARTS = ("upstream_password_file", "upstream_tls_ca", "upstream_tls_cert", "upstream_tls_key",
+                   "upstream_tls_server_name", "upstream_tls_insecure")
+
+
+def _fold_upstream(changes: dict[str, object]) -> None:
+    """Put the password file and the TLS options into the upstream's address (in ``changes``)."""
+    parts = {name: changes.pop(name) for name in _UPSTREAM_PARTS if name in changes}
+    if not parts:
+        return
+    address = cast(RedisAddress, changes.get("upstream", RedisAddress()))
+    if "upstream_password_file" in parts:
+        if address.password is not None:
+            raise ConfigError("the upstream password is given twice: in the URL and in "
+                              "--upstream-password-file (give it once)")
+        address = dataclasses.replace(address, password=cast(str, parts.pop("upstream_password_file")))
+    if parts:
+        if address.tls is None:
+            raise ConfigError("--upstream-tls-* options need a TLS upstream: rediss://... "
+                              "(or rediss+sentinel://...)")
+        tls = RedisTLS(
+            ca_file=cast("str | None", parts.get("upstream_tls_ca")),
+            cert_file=cast("str | None", parts.get("upstream_tls_cert")),
+            key_file=cast("str | None", parts.get("upstream_tls_key")),
+            server_name=cast("str | None", parts.get("upstream_tls_server_name")),
+            verify=not parts.get("upstream_tls_insecure", False),
+        )
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ConfigError("--upstream-tls-cert and --upstream-tls-key go together (mutual TLS)")
+        address = dataclasses.replace(address, tls=tls)
+    if address.tls is not None:
+        try:
+            tls_context(address.tls)  # fails here, at start, on a bad file: not at the first client
+        except ValueError as exc:
+            raise ConfigError(f"upstream TLS: {exc}") from None
+    changes["upstream"] = address
 
 
 def _amqp(text: str) -> dict[str, object]:
@@ -215,7 +285,28 @@ def _show_amqp(c: Config) -> str:
     return f"amqp://{c.amqp_user}:***@{host}:{c.amqp_port}/{vhost}"
 
 
+def _perm(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError("expected an octal file mode such as 660")
+    return int(text, 8)
+
+
+def _check_listen_tls(changes: dict[str, object]) -> None:
+    cert, key, ca = (changes.get(n) for n in ("tls_cert", "tls_key", "tls_ca"))
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if ca is not None and cert is None:
+        raise ConfigError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    if cert is not None:
+        try:
+            server_tls_context(cast(str, cert), cast(str, key), cast("str | None", ca))
+        except ValueError as exc:
+            raise ConfigError(f"client TLS: {exc}") from None
+
+
 def _show_listen(c: Config) -> str:
+    if c.listen_unix is not None:
+        return f"unix:{c.listen_unix}"
     host = f"[{c.listen_host}]" if ":" in c.listen_host else c.listen_host
     return f"{host}:{c.listen_port}"
 
@@ -231,6 +322,7 @@ class _Option:
     convert: Callable[[str], dict[str, object]] | None  # None: handled by load() itself
     show: Callable[[Config], str]  # the default, for --help
     redact: Callable[[str], str] | None = str  # how a bad value is quoted; None: not at all
+    boolean: bool = False  # a flag without a value (on: given); true/false in the file or environment
 
     @property
     def name(self) -> str:
@@ -250,10 +342,30 @@ _OPTIONS = {
     for o in (
         _Option("config", "PATH", "TOML file with these settings (keys: flag names with _)",
                 None, lambda c: "none"),
-        _Option("listen", "HOST:PORT", "where clients connect ([::1]:6380 for IPv6)",
-                _listen, _show_listen),
-        _Option("upstream", "URL", "the Redis behind the proxy: redis://[user:pass@]host:port[/db]",
-                _upstream, lambda c: c.upstream.masked_url(), _redact_url),
+        _Option("listen", "HOST:PORT", "where clients connect ([::1]:6380 for IPv6, unix:/path.sock "
+                "for a unix socket)", _listen, _show_listen),
+        _Option("listen-perm", "OCTAL", "file mode of the unix socket of --listen unix:...",
+                _field("listen_perm", _perm), lambda c: f"{c.listen_perm:o}"),
+        _Option("tls-cert", "PEM", "the proxy's certificate: clients must then speak TLS (on --listen, "
+                "instead of plain TCP)", _field("tls_cert", _pem_file), lambda c: "none: plain TCP"),
+        _Option("tls-key", "PEM", "its private key", _field("tls_key", _pem_file), lambda c: "none"),
+        _Option("tls-ca", "PEM", "require client certificates that chain to these CAs",
+                _field("tls_ca", _pem_file), lambda c: "none: no client certificate asked for"),
+        _Option("upstream", "URL", f"the Redis behind the proxy: {FORMS}",
+                _upstream, lambda c: c.upstream.masked_url(), redact_redis_url),
+        _Option("upstream-password-file", "PATH", "read the upstream's password from this file "
+                "(its first line) instead of the URL", _field("upstream_password_file", _secret_file),
+                lambda c: "none"),
+        _Option("upstream-tls-ca", "PEM", "CA certificates the upstream's certificate must chain to",
+                _field("upstream_tls_ca", _pem_file), lambda c: "the system's"),
+        _Option("upstream-tls-cert", "PEM", "client certificate for the upstream (mutual TLS)",
+                _field("upstream_tls_cert", _pem_file), lambda c: "none"),
+        _Option("upstream-tls-key", "PEM", "its private key", _field("upstream_tls_key", _pem_file),
+                lambda c: "none"),
+        _Option("upstream-tls-server-name", "NAME", "name the upstream's certificate must carry",
+                _field("upstream_tls_server_name", _host), lambda c: "the URL's host"),
+        _Option("upstream-tls-insecure", "", "do not verify the upstream's certificate (testing only)",
+                _field("upstream_tls_insecure", _boolean), lambda c: "off", boolean=True),
         _Option("amqp", "URL", "RabbitMQ: amqp://user:pass@host:port/vhost (vhost URL-encoded)",
                 _amqp, _show_amqp, _redact_url),
         _Option("heartbeat", "SECONDS", "AMQP heartbeat, 0 to disable",
@@ -320,6 +432,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for option in _OPTIONS.values():
         text = f"{option.help} (default: {option.show(defaults)})".replace("%", "%%")
+        if option.boolean:
+            parser.add_argument("--" + option.flag, dest=option.name, help=text, default=argparse.SUPPRESS,
+                                action="store_const", const="true")
+            continue
         parser.add_argument(
             "--" + option.flag,
             dest=option.name,
@@ -382,6 +498,8 @@ def _from_file(path: str) -> dict[str, _Entry]:
         if key in ("keymask", "module_args") and isinstance(value, list):
             if not all(isinstance(item, str) for item in value):
                 raise ConfigError(f"{path}: invalid {key}: expected strings")
+        elif isinstance(value, bool) and _OPTIONS[key].boolean:
+            value = str(value)
         elif isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ConfigError(f"{path}: invalid {key}: expected a string or a number")
         elif key == "keymask":
@@ -417,6 +535,8 @@ def _build(layers: Mapping[str, _Entry]) -> Config:
                 raise ConfigError(f"{prefix}invalid {label}{shown}: {exc}") from None
             changes.update(converted)
             origins.update(dict.fromkeys(converted, _source(prefix, label)))
+    _fold_upstream(changes)
+    _check_listen_tls(changes)
     config = Config(**changes)  # type: ignore[arg-type]  # field values of mixed types; Config's __post_init__ validates them
     if "module_args" in layers:
         (prefix, label), raw = layers["module_args"]

@@ -74,6 +74,8 @@ class UpstreamConnection(RedisSide):
         protocol errors (the exact parser's path), not for every connection."""
         if self._spare >= 0 or self.transport is None:
             return
+        if self.transport.get_extra_info("sslcontext") is not None:
+            return  # TLS: the socket holds ciphertext; what TLS had decrypted was delivered already
         sock = self.transport.get_extra_info("socket")
         try:
             self._spare = os.dup(sock.fileno())

@@ -269,12 +269,31 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.proc.returncode} at start:\n{self.log_text()[-LOG_TAIL_CHARS:]}")
-            if port_accepts(self.port, self.host):
+            if self._accepts():
                 return self
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"proxy did not listen on {self.port} within {START_TIMEOUT}s:\n"
                            f"{self.log_text()[-LOG_TAIL_CHARS:]}")
+
+    @property
+    def unix_path(self) -> str | None:
+        """The unix socket given with ``--listen unix:PATH`` in the extra arguments (the last
+        ``--listen`` wins), else None."""
+        args = list(self.extra_args)
+        listens = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--listen"]
+        return listens[-1][len("unix:"):] if listens and listens[-1].startswith("unix:") else None
+
+    def _accepts(self) -> bool:
+        path = self.unix_path
+        if path is None:
+            return port_accepts(self.port, self.host)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(path)
+            return True
+        except OSError:
+            return False
 
     @property
     def pid(self) -> int:

@@ -22,7 +22,7 @@ import hiredis
 
 from protocol.commands import encode_command
 from proxy.config import RedisAddress
-from proxy.connect import open_redis
+from proxy.connect import open_redis, tls_reason
 from proxy.events.errors import LinkError
 from proxy.ratelog import RateLimitedLog
 
@@ -143,7 +143,8 @@ async def open_link(address: RedisAddress, timeout: float, *, select_db: bool = 
     try:
         _, link = await open_redis(address, lambda: RedisLink(on_push, on_lost), timeout=timeout)
     except (OSError, asyncio.TimeoutError) as exc:
-        raise LinkError(f"cannot connect to {address.masked_url()}: {exc!r}") from None
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else tls_reason(exc)
+        raise LinkError(f"cannot connect to {address.masked_url()}: {reason}") from None
     setup: list[tuple[bytes | str | int, ...]] = []
     if address.password is not None:
         setup.append(("AUTH", address.username, address.password) if address.username

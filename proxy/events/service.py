@@ -20,12 +20,15 @@ import asyncio
 import importlib.metadata
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
+
+import hiredis
 
 from protocol.events import event_class, parse_classes
 from protocol.keymask import KeyFilter
 from protocol.slots import key_slot
-from proxy.cluster.topology import Topology
+from proxy.cluster.topology import Address, Topology, query
 from proxy.config import Config, RedisAddress
 from proxy.events.cluster_source import ClusterSources
 from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
@@ -40,6 +43,7 @@ from proxy.events.redis_link import LocatedLink, RedisLink
 from proxy.events.source import KeyspaceSource
 from proxy.events.stream import MARKER_DB, Takeover
 from proxy.live import LiveConfig
+from proxy.sentinel import SentinelWatch
 
 __all__ = ["EventService"]
 
@@ -81,7 +85,8 @@ class EventService:
     has one) and it is written on whichever master owns that slot now (``docs/cluster.md``).
     """
 
-    def __init__(self, live: LiveConfig, topology: Topology | None = None) -> None:
+    def __init__(self, live: LiveConfig, topology: Topology | None = None,
+                 sentinel: SentinelWatch | None = None) -> None:
         config = live.current
         self.live = live
         #: fixed at start, as the fallback list's key (a new one applies at the next start)
@@ -110,6 +115,11 @@ class EventService:
             self.source = self.cluster = ClusterSources(
                 topology, self.upstream, live, on_event=self.on_node_keyspace, on_gap=self.publish_gap,
                 on_flags=self.cluster_flags_checked, on_retire=self._source_retired)
+        self.sentinel = sentinel  # Sentinel mode: the subscription follows the master it names
+        self.replicas_notify: dict[str, str] = {}  # replica -> its notify-keyspace-events or the error
+        if sentinel is not None:
+            sentinel.listeners.append(self._master_switched)
+            sentinel.on_replicas = self._prepare_replicas
         self.seen = 0
         #: events (and gap markers) that passed the filters, on every instance of a fleet: the
         #: forwarder's go to the pipeline, a standby's to its buffer (counted once, there)
@@ -220,8 +230,10 @@ class EventService:
         self.publisher.abandon()
 
     def _source_name(self, source: NodeSource | None) -> bytes:
-        address = source.address if source is not None else self.upstream
-        return f"{address.host}:{address.port}".encode()
+        if source is not None:
+            return source.address.name.encode()
+        master = self.sentinel.master if self.sentinel is not None else None
+        return (master or self.upstream).name.encode()
 
     def _source_retired(self, source: NodeSource) -> None:
         stream = source.fleet_stream
@@ -323,6 +335,7 @@ class EventService:
             "notify_config_error": self.notify_config_error,
             **_last_error([p, self.pipeline, *sources, self.fleet]),
             **self.fleet.info(),
+            **(self._sentinel_info() if self.sentinel is not None else {}),
             **(self.cluster.info() if self.cluster is not None else {}),
         }
 
@@ -393,7 +406,7 @@ class EventService:
         """The fallback list vanished and ``count`` of its elements were not in memory: the gap
         marker that takes their place (``headers`` say why and how many)."""
         address = self.fallback.address
-        source = f"{address.host}:{address.port}".encode()
+        source = address.name.encode()
         headers = ((b"reason", b"fallback_lost"), (b"lost", b"%d" % count))
         return gap_event(self._ids.next(), int(time.time() * 1000), start_ms, end_ms, source, headers)
 
@@ -407,8 +420,44 @@ class EventService:
         self._count_gap(start_ms, end_ms)
         log.warning("keyspace events between %d and %d (%d ms) are lost: the subscription to Redis "
                     "was down; a gap marker follows in the stream", start_ms, end_ms, end_ms - start_ms)
-        source = f"{self.upstream.host}:{self.upstream.port}".encode()
+        master = self.sentinel.master if self.sentinel is not None else None
+        source = (master or self.upstream).name.encode()
         self._deliver(self._stream, gap_event(self._ids.next(), end_ms, start_ms, end_ms, source))
+
+    # ---- Sentinel ------------------------------------------------------------------------------
+
+    def _master_switched(self, old: RedisAddress, new: RedisAddress, since_ms: int) -> None:
+        """Sentinel moved the master: subscribe there (the gap marker starts at ``since_ms`` at the
+        latest) and let the fallback list reconnect at its next operation."""
+        if isinstance(self.source, KeyspaceSource):
+            self.source.move(since_ms)
+        self.fallback.close()
+
+    async def _prepare_replicas(self, replicas: tuple[RedisAddress, ...]) -> None:
+        """``notify-keyspace-events`` on every replica, before any of them is promoted (merged as
+        on the master: the letters we need are added, none removed)."""
+        found: dict[str, str] = {}
+        for replica in replicas:
+            node = (replica.host, replica.port)
+
+            async def run(commands: Sequence[Sequence[bytes | str | int]], node: Address = node,
+                          replica: RedisAddress = replica) -> list[Any]:
+                return await query(node, *[tuple(a if isinstance(a, bytes | str) else str(a) for a in c)
+                                           for c in commands], auth=replica)
+
+            try:
+                value, error = await ensure_notify_flags(run, self._classes, replica.name)
+            except (OSError, asyncio.TimeoutError, hiredis.HiredisError, LinkError) as exc:
+                value, error = "", f"unreachable: {exc}"
+            found[replica.name] = error or value
+            if error:
+                log.warning("notify-keyspace-events on replica %s: %s", replica.name, error)
+        self.replicas_notify = found
+
+    def _sentinel_info(self) -> dict[str, object]:
+        assert self.sentinel is not None
+        return {**self.sentinel.info(),
+                "sentinel_replicas_notify": ",".join(f"{r}={v}" for r, v in sorted(self.replicas_notify.items()))}
 
     def _on_subscribed(self) -> None:
         pass  # notify-keyspace-events was checked on the same connection just before

@@ -102,6 +102,9 @@ class KeyspaceSource:
         #: the SUBSCRIBE to the fleet's marker channel is not answered yet
         self._marker_sub_pending = False
         self.markers_refused = ""  # why Redis refused that SUBSCRIBE (ACL channel rules)
+        #: Sentinel moved the master: the next gap starts at this moment at the latest (move())
+        self._moved_ms: int | None = None
+        self._wake = asyncio.Event()  # cuts a reconnect backoff short
 
     @property
     def state_name(self) -> str:
@@ -139,6 +142,15 @@ class KeyspaceSource:
                         MARKER_CHANNEL.decode(), reply, MARKER_CHANNEL.decode())
         self.markers_refused = str(reply)
         return True
+
+    def move(self, since_ms: int) -> None:
+        """Sentinel made another server the master: subscribe again (:func:`~proxy.connect.open_redis`
+        now leads there). Writes on the new master may have begun at ``since_ms``: the gap marker of
+        the switch starts there at the latest, and ends with the new subscription's confirmation."""
+        self._moved_ms = since_ms if self._moved_ms is None else min(self._moved_ms, since_ms)
+        if self._link is not None and not self._link.closed:
+            self._link.abort(LinkError("the master changed"))
+        self._wake.set()
 
     def _on_push(self, reply: Any) -> None:
         # Hot path: one call per keyspace event.
@@ -183,8 +195,10 @@ class KeyspaceSource:
         self.last_error_current = False
         now = self._good_ms = now_ms()
         self._last_pong = time.monotonic()
-        if self._lost_at_ms is not None:
-            start, self._lost_at_ms = self._lost_at_ms, None
+        starts = [s for s in (self._lost_at_ms, self._moved_ms) if s is not None]
+        self._lost_at_ms = self._moved_ms = None
+        if starts:
+            start = min(starts)
             self.on_gap(start, max(start, now))
         self.on_subscribed()
 
@@ -210,7 +224,11 @@ class KeyspaceSource:
                     link.close()
                 self._note_error(str(exc))
                 self.state = SourceState.BACKOFF
-                await asyncio.sleep(delay)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_MIN

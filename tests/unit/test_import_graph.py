@@ -36,6 +36,7 @@ LAYERS = {
     "proxy.cluster": 2,
     "proxy.events": 2,
     "proxy.fleet": 2,
+    "proxy.sentinel": 2,  # follows the master with the cluster's control query; the server wires it
     "proxy.server": 3,
     "proxy.cli": 3,
     "proxy.__main__": 3,

@@ -175,7 +175,7 @@ def test_toml_numbers_and_strings(tmp_path: Path) -> None:
         (["--upstream", "redis://h:70000"], "expected a port"),
         (["--upstream", "redis://h:1/x"], "db a number"),
         (["--upstream", "redis://:6379"], "invalid --upstream"),
-        (["--upstream", "redis://h:1?db=2"], "invalid --upstream"),
+        (["--upstream", "redis://h:1?ssl=1"], "unknown URL parameter"),
         (["--amqp", "amqps://h"], "TLS"),
         (["--amqp", "amqp://h/a/b"], "%2F"),
         (["--amqp", "amqp://h:abc/"], "expected a port"),
