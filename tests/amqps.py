@@ -5,7 +5,9 @@ with the ``openssl`` command and a TLS terminator (``socat``) the test starts an
 a client certificate signed by the same CA, and an unrelated CA (``other_ca``) that signed
 nothing here. ``TlsTerminator(certs, client_ca=...)`` listens on ``.port`` (TLS; with
 ``client_ca`` it requires a client certificate signed by it) and forwards the plain bytes to
-127.0.0.1:5672. The broker itself is never reconfigured. Nothing here imports pytest.
+127.0.0.1:5672; with ``tls=False`` it is the same socat relay without TLS (the benchmark's
+extra hop alone). The broker itself is never reconfigured. Nothing here imports pytest or the
+rest of tests/ (bench/ imports it as ``tests.amqps``).
 """
 
 from __future__ import annotations
@@ -13,18 +15,32 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from harness import HOST, free_port, port_accepts
-
 __all__ = ["Certificates", "TlsTerminator", "SERVER_NAME"]
 
 SERVER_NAME = "rabbit.test"
+HOST = "127.0.0.1"
 AMQP_PORT = 5672
 START_TIMEOUT = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -76,25 +92,30 @@ class Certificates:
 class TlsTerminator:
     """``socat`` terminating TLS on ``.port`` in front of RabbitMQ (a new socat per connection)."""
 
-    def __init__(self, certs: Certificates, client_ca: Path | None = None, target_port: int = AMQP_PORT) -> None:
+    def __init__(self, certs: Certificates, client_ca: Path | None = None, target_port: int = AMQP_PORT,
+                 tls: bool = True) -> None:
         self.certs = certs
         self.client_ca = client_ca
         self.target_port = target_port
-        self.port = free_port()
+        self.tls = tls
+        self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> TlsTerminator:
         binary = shutil.which("socat")
         if binary is None:
             raise RuntimeError("socat not found on PATH: install it (apt-get install socat)")
-        listen = (f"OPENSSL-LISTEN:{self.port},bind={HOST},reuseaddr,fork,cert={self.certs.server_cert},"
-                  f"key={self.certs.server_key}")
-        listen += f",verify=1,cafile={self.client_ca}" if self.client_ca else ",verify=0"
+        if self.tls:
+            listen = (f"OPENSSL-LISTEN:{self.port},bind={HOST},reuseaddr,fork,nodelay,"
+                      f"cert={self.certs.server_cert},key={self.certs.server_key}")
+            listen += f",verify=1,cafile={self.client_ca}" if self.client_ca else ",verify=0"
+        else:
+            listen = f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork,nodelay"
         self.proc = subprocess.Popen([binary, listen, f"TCP:{HOST}:{self.target_port},nodelay"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
-        while not port_accepts(self.port):
+        while not _accepts(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError(f"socat did not listen on {self.port}")
