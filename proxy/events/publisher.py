@@ -259,12 +259,13 @@ class AmqpPublisher:
         none worked: the most telling code (4, then 5, then 3) and every node's reason.
         """
         failures: list[BrokerError] = []
+        listener = LinkListener(self._on_confirm, self._on_return, self._on_closed)
+        timeout = config.amqp_connect_timeout or config.connect_timeout
         for node in self._node_order(config.amqp_nodes):
             try:
-                link = await open_link(amqp_url(config, node), LinkListener(self._on_confirm, self._on_return,
-                                       self._on_closed), config.amqp_connect_timeout or config.connect_timeout,
-                                       vhost=config.amqp_vhost, exchange=config.exchange,
-                                       tls=self._tls_context(config), server_name=config.amqp_tls_server_name or None)
+                link = await open_link(amqp_url(config, node), listener, timeout, vhost=config.amqp_vhost,
+                                       exchange=config.exchange, tls=self._tls_context(config),
+                                       server_name=config.amqp_tls_server_name or None)
             except BrokerError as exc:
                 failures.append(exc)
                 continue

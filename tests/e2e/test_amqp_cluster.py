@@ -68,7 +68,7 @@ def test_failover_between_nodes_loses_nothing(redis_server: RedisServer, queue: 
             switches = []
             for n, start in enumerate(range(0, TOTAL, CHUNK)):
                 if n in (3, 8):  # cut the node in use in the middle of the stream, twice
-                    node = info(proxy.port)["amqp_node"]
+                    node = wait_for(lambda: info(proxy.port)["amqp_node"], 15, message="for a node")
                     relays[node].cut()
                     for other in relays.values():
                         if other is not relays[node]:

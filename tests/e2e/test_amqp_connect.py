@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from faults import FaultRelay
 from harness import ErrorReply, ProxyProcess, RawClient, RedisServer, free_port, wait_for
 from proxy.config import DEFAULT_FALLBACK_KEY
 from rabbit import RabbitQueue
@@ -134,6 +135,16 @@ def test_refusals_at_start_and_on_connect(redis_server: RedisServer, rds: redis.
         # the events wait in the fallback list meanwhile
         rds.set(f"kept-{code}", "v")
         wait_for(lambda: rds.llen(DEFAULT_FALLBACK_KEY) == 1, 10)
+
+
+def test_a_silent_broker_is_given_up_on_after_the_connect_timeout(redis_server: RedisServer) -> None:
+    with FaultRelay(5672) as relay:
+        relay.blackhole()  # TCP connects, nothing ever answers
+        with proxy_for(redis_server, f"amqp://guest:guest@127.0.0.1:{relay.port}/",
+                       "--connect-timeout", "1") as proxy:
+            line = log_line(proxy, "amqp: cannot connect to RabbitMQ")
+            assert line.endswith(f"no AMQP handshake from 127.0.0.1:{relay.port} within 1.0s"), line
+            assert command(proxy.port, "key_evt_amqp.connect") == ErrorReply(b"AMQP CONNECT ERROR: 3")
 
 
 def test_unbound_routing_key_is_named_at_the_first_event(redis_server: RedisServer, rds: redis.Redis) -> None:
