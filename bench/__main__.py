@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 
-from bench import cluster_path, command_path, events, fleet, redis_cost, tls_path
+from bench import amqps_path, cluster_path, command_path, events, fleet, redis_cost, tls_path
 from bench.amqp_raw import AMQPError, RawAMQP
 from bench.report import machine, markdown, na
 
@@ -46,6 +46,7 @@ SCENARIOS = {
     "command_path": command_path.command_path,
     "latency": command_path.latency,
     "event_path": events.event_path,
+    "event_path_tls": amqps_path.event_path_tls,
     "redis_cost": redis_cost.redis_cost,
     "replay": events.replay,
     "memory": redis_cost.memory,
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
-            if name in ("event_path", "replay", "redis_cost", "memory") and version is None:
+            if name in ("event_path", "event_path_tls", "replay", "redis_cost", "memory") and version is None:
                 raise events.EventsUnavailable("RabbitMQ does not answer at 127.0.0.1:5672")
             result = SCENARIOS[name](params)
         except events.EventsUnavailable as exc:

@@ -33,6 +33,7 @@ class EventsUnavailable(Exception):
 
 EXPECTED = {
     "event_path": {"ratios": ("proxy/ceiling", "proxy/naive"), "values": ("proxy_per_s",)},
+    "event_path_tls": {"ratios": ("amqps/amqp", "amqps/amqp_relay"), "values": ("amqps_per_s",)},
     "replay": {"ratios": ("replay/ceiling",), "values": ("replay_per_s",)},
     "redis_cost": {"ratios": ("with_events/without",), "values": ()},
     "memory": {"ratios": (), "values": ("idle_mb", "clients_mb", "per_client_kb",

@@ -112,10 +112,23 @@ class Config:
     # RabbitMQ, with the module's defaults (its port default 5627 was a typo: 5672 is right).
     amqp_host: str = "127.0.0.1"
     amqp_port: int = 5672
+    #: more nodes of the same RabbitMQ cluster (same credentials and vhost), as (host, port)
+    amqp_other_nodes: tuple[tuple[str, int], ...] = ()
     amqp_user: str = "guest"
     amqp_password: str = "guest"
     amqp_vhost: str = "/"
     heartbeat: int = 30  # seconds; 0 disables heartbeats
+    amqp_connect: str = "start"  # "start": connect (and check) at start; "lazy": at the first event
+    amqp_connect_timeout: float = 0.0  # seconds; 0: connect_timeout (the URL's connection_timeout)
+    amqp_frame_max: int = 0  # largest frame the proxy writes; 0: whatever the broker allows
+    # TLS (amqps://): CA file (else the system's CAs), client certificate and key (mutual TLS), the
+    # name checked in the broker's certificate (else the host), and verification (off only on request).
+    amqp_tls: bool = False
+    amqp_tls_ca: str = ""
+    amqp_tls_cert: str = ""
+    amqp_tls_key: str = ""
+    amqp_tls_server_name: str = ""
+    amqp_tls_verify: bool = True
     exchange: str = "amq.direct"
     routing_key: str = "redis_keyspace_events"
     delivery_mode: int = 1  # 1 non-persistent, 2 persistent
@@ -154,6 +167,25 @@ class Config:
         """``default``, ``file``, ``env`` or ``flag``: where the start value of ``name`` came from."""
         return dict(self.start_origins).get(name, "default")
 
+    @property
+    def amqp_nodes(self) -> tuple[tuple[str, int], ...]:
+        """Every RabbitMQ node to try, the one of ``amqp_host``/``amqp_port`` first."""
+        return ((self.amqp_host, self.amqp_port), *self.amqp_other_nodes)
+
+    def amqp_masked_url(self) -> str:
+        """The broker as a URL with the password replaced by ``***``: safe to log or reply.
+        Several nodes are listed comma-separated; the vhost is URL-encoded (``/`` is ``%2F``)."""
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.amqp_nodes)
+        query = []
+        if self.amqp_connect_timeout:
+            query.append(f"connection_timeout={round(self.amqp_connect_timeout * 1000)}")
+        if self.amqp_frame_max:
+            query.append(f"frame_max={self.amqp_frame_max}")
+        scheme = "amqps" if self.amqp_tls else "amqp"
+        user = quote(self.amqp_user, safe="")
+        vhost = quote(self.amqp_vhost, safe="")
+        return f"{scheme}://{user}:***@{hosts}/{vhost}" + ("?" + "&".join(query) if query else "")
+
     def masked(self) -> dict[str, object]:
         """Every setting as plain values, passwords replaced by ``***``: for logs and replies."""
         values: dict[str, object] = {}
@@ -165,6 +197,8 @@ class Config:
                 value = "***"
             elif name == "upstream":
                 value = value.masked_url()
+            elif name == "amqp_other_nodes":
+                value = [f"{host}:{port}" for host, port in value]
             elif name == "keymasks":
                 value = [m.decode("utf-8", "backslashreplace") for m in value]
             elif isinstance(value, bytes):

@@ -181,11 +181,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
     await events.start()
     log.info(
         "key-evt-amqp listening on %s%s, relaying to %s; events %r with keymasks %s to "
-        "amqp://%s:***@%s:%d%s exchange %r routing key %r",
+        "%s exchange %r routing key %r",
         ", ".join(server.addresses), _tls_note(config), config.upstream.masked_url(), config.events,
         [m.decode("utf-8", "replace") for m in config.keymasks] or "(none: nothing forwarded)",
-        config.amqp_user, config.amqp_host, config.amqp_port, config.amqp_vhost,
-        config.exchange, config.routing_key,
+        config.amqp_masked_url(), config.exchange, config.routing_key,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -35,6 +35,8 @@ from protocol.events import CLASS_LETTERS, parse_classes
 from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
 from protocol.keymask import normalize_masks
 from protocol.requests import UnbalancedQuotes, split_args
+from proxy.amqp_tls import client_context
+from proxy.amqp_url import parse_amqp_urls, read_secret
 from proxy.config import Config, RedisAddress, RedisTLS
 from proxy.connect import server_tls_context, tls_context
 from proxy.errors import ConfigError
@@ -254,21 +256,26 @@ def _fold_upstream(changes: dict[str, object]) -> None:
     changes["upstream"] = address
 
 
-def _amqp(text: str) -> dict[str, object]:
-    form = "amqp://user:pass@host:port/vhost"
-    parts = _url(text, "amqp", form)
-    vhost = parts.path[1:]
-    if "/" in vhost:
-        raise ValueError("URL-encode the vhost: %2F for /")
-    defaults = Config()
-    has_user = "@" in parts.netloc
-    return {
-        "amqp_host": parts.hostname,
-        "amqp_port": parts.port or 5672,
-        "amqp_user": unquote(parts.username or "") if has_user else defaults.amqp_user,
-        "amqp_password": unquote(parts.password or "") if has_user else defaults.amqp_password,
-        "amqp_vhost": unquote(vhost) if vhost else "/",
-    }
+def _amqp(raw: str | list[str]) -> dict[str, object]:
+    return parse_amqp_urls([raw] if isinstance(raw, str) else raw)
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off"):
+        raise ValueError("expected on or off")
+    return text.lower() == "on"
+
+
+def _connect_mode(text: str) -> str:
+    if text not in ("start", "lazy"):
+        raise ValueError("expected start or lazy")
+    return text
+
+
+def _path(text: str) -> str:
+    if not text:
+        raise ValueError("expected a file path")
+    return text
 
 
 def _redact_url(text: str) -> str:
@@ -277,12 +284,6 @@ def _redact_url(text: str) -> str:
     if not at or ":" not in userinfo:
         return text
     return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hostpart}"
-
-
-def _show_amqp(c: Config) -> str:
-    vhost = c.amqp_vhost.replace("%", "%25").replace("/", "%2F")
-    host = f"[{c.amqp_host}]" if ":" in c.amqp_host else c.amqp_host
-    return f"amqp://{c.amqp_user}:***@{host}:{c.amqp_port}/{vhost}"
 
 
 def _perm(text: str) -> int:
@@ -329,6 +330,10 @@ class _Option:
         return self.flag.replace("-", "_")
 
 
+def _redact_urls(raw: str | list[str]) -> str:
+    return _redact_url(raw) if isinstance(raw, str) else ", ".join(_redact_url(url) for url in raw)
+
+
 def _field(name: str, parse: Callable[[str], object]) -> Callable[[str], dict[str, object]]:
     return lambda text: {name: parse(text)}
 
@@ -366,8 +371,26 @@ _OPTIONS = {
                 _field("upstream_tls_server_name", _host), lambda c: "the URL's host"),
         _Option("upstream-tls-insecure", "", "do not verify the upstream's certificate (testing only)",
                 _field("upstream_tls_insecure", _boolean), lambda c: "off", boolean=True),
-        _Option("amqp", "URL", "RabbitMQ: amqp://user:pass@host:port/vhost (vhost URL-encoded)",
-                _amqp, _show_amqp, _redact_url),
+        _Option("amqp", "URL", "RabbitMQ: amqp[s]://user:pass@host:port/vhost (vhost URL-encoded; "
+                "?heartbeat= connection_timeout= channel_max= frame_max=); a cluster: repeat the flag "
+                "or list the hosts (h1:5672,h2:5672)",
+                _amqp, lambda c: c.amqp_masked_url(), _redact_urls),
+        _Option("amqp-password-file", "PATH", "the AMQP password is this file's content (one final "
+                "newline dropped), in place of the URL's; read once at start",
+                None, lambda c: "none"),
+        _Option("amqp-connect", "start|lazy", "start: connect to RabbitMQ at start and check the "
+                "exchange; lazy: at the first event, as the module",
+                _field("amqp_connect", _connect_mode), _shown("amqp_connect")),
+        _Option("amqp-tls-ca", "PATH", "amqps: CA certificates (PEM) the broker's certificate must "
+                "chain to", _field("amqp_tls_ca", _path), lambda c: "the system's"),
+        _Option("amqp-tls-cert", "PATH", "amqps: client certificate (PEM) for mutual TLS",
+                _field("amqp_tls_cert", _path), lambda c: "none"),
+        _Option("amqp-tls-key", "PATH", "amqps: the client certificate's private key (PEM)",
+                _field("amqp_tls_key", _path), lambda c: "in the certificate file"),
+        _Option("amqp-tls-server-name", "NAME", "amqps: the name the broker's certificate must "
+                "carry (and SNI)", _field("amqp_tls_server_name", _host), lambda c: "the host"),
+        _Option("amqp-tls-verify", "on|off", "amqps: off accepts any certificate (insecure: a "
+                "WARNING at start)", _field("amqp_tls_verify", _on_off), lambda c: "on"),
         _Option("heartbeat", "SECONDS", "AMQP heartbeat, 0 to disable",
                 _field("heartbeat", _heartbeat), _shown("heartbeat")),
         _Option("exchange", "NAME", "exchange events are published to (never declared)",
@@ -442,8 +465,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=option.metavar,
             help=text,
             default=argparse.SUPPRESS,
-            action="append" if option.name == "keymask" else "store",
+            action="append" if option.name in _REPEATED else "store",
         )
+
+
+#: Flags that may be given more than once (a list in the TOML file).
+_REPEATED = ("keymask", "amqp")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -463,12 +490,14 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     add_arguments(parser)
     given = vars(parser.parse_args(list(argv)))
     layers: dict[str, _Entry] = {}
+    ranks: dict[str, int] = {}  # the source each setting comes from: 0 file, 1 environment, 2 flags
     path = given.get("config") or environ.get(ENV_PREFIX + "CONFIG")
-    if path:
-        layers.update(_from_file(path))
-    layers.update(_from_environ(environ))
-    layers.update({name: (("", "--" + _OPTIONS[name].flag), v) for name, v in given.items()})
-    return _build(layers)
+    sources = [_from_file(path) if path else {}, _from_environ(environ),
+               {name: (("", "--" + _OPTIONS[name].flag), v) for name, v in given.items()}]
+    for rank, source in enumerate(sources):
+        layers.update(source)
+        ranks.update(dict.fromkeys(source, rank))
+    return _build(layers, ranks)
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, _Entry]:
@@ -495,7 +524,7 @@ def _from_file(path: str) -> dict[str, _Entry]:
         if key not in _OPTIONS or key == "config":
             raise ConfigError(f"{path}: unknown setting {key!r}")
         label = (f"{path}: ", key)
-        if key in ("keymask", "module_args") and isinstance(value, list):
+        if key in (*_REPEATED, "module_args") and isinstance(value, list):
             if not all(isinstance(item, str) for item in value):
                 raise ConfigError(f"{path}: invalid {key}: expected strings")
         elif isinstance(value, bool) and _OPTIONS[key].boolean:
@@ -518,10 +547,13 @@ def _source(prefix: str, label: str) -> str:
     return "flag" if label.startswith("--") else "env"
 
 
-def _build(layers: Mapping[str, _Entry]) -> Config:
+def _build(layers: Mapping[str, _Entry], ranks: Mapping[str, int]) -> Config:
     changes: dict[str, object] = {}
     origins: dict[str, str] = {}  # Config field -> source; a field not named here is a default
-    for name, ((prefix, label), raw) in layers.items():
+    # Lowest source first, so that a higher one wins where two settings overlap (the URL's
+    # ?heartbeat= and --heartbeat); within one source the URL first, the single setting after it.
+    for name in sorted(layers, key=lambda n: (ranks[n], n != "amqp")):
+        (prefix, label), raw = layers[name]
         option = _OPTIONS[name]
         if name == "keymask":
             masks = raw  # a list of str, whatever the source
@@ -537,7 +569,16 @@ def _build(layers: Mapping[str, _Entry]) -> Config:
             origins.update(dict.fromkeys(converted, _source(prefix, label)))
     _fold_upstream(changes)
     _check_listen_tls(changes)
+    if "amqp_password_file" in layers:
+        # A password file, from any source, is the password: the URL can then stay without one.
+        (prefix, label), raw = layers["amqp_password_file"]
+        try:
+            changes["amqp_password"] = read_secret(_path(str(raw)))
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}invalid {label} {_quote(str(raw))}: {exc}") from None
+        origins["amqp_password"] = _source(prefix, label)
     config = Config(**changes)  # type: ignore[arg-type]  # field values of mixed types; Config's __post_init__ validates them
+    _check_amqp_tls(config)
     if "module_args" in layers:
         (prefix, label), raw = layers["module_args"]
         try:
@@ -548,6 +589,21 @@ def _build(layers: Mapping[str, _Entry]) -> Config:
             raise ConfigError(f"{prefix}invalid {label}: {exc}") from None
         origins.update(dict.fromkeys(module_arg_fields(args, with_flags=True), _source(prefix, label)))
     return dataclasses.replace(config, start_origins=tuple(sorted(origins.items())))
+
+
+def _check_amqp_tls(config: Config) -> None:
+    """TLS settings need amqps://; the files must load (a wrong path fails the start, not the
+    first connection). Verification off is allowed here and shouted about at start."""
+    given = [name for name in ("amqp_tls_ca", "amqp_tls_cert", "amqp_tls_key", "amqp_tls_server_name")
+             if getattr(config, name)]
+    if not config.amqp_tls_verify:
+        given.append("amqp_tls_verify")
+    if given and not config.amqp_tls:
+        raise ConfigError(f"--{given[0].replace('_', '-')} needs an amqps:// URL in --amqp")
+    try:
+        client_context(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _quote(text: str) -> str:
@@ -624,6 +680,9 @@ def apply_module_args(config: Config, args: Sequence[bytes], *, with_flags: bool
         except ValueError as exc:
             shown = "" if what == "password" else " " + _quote(text)
             raise ConfigError(f"invalid {what}{shown}: {exc}") from None
+    if (changes.get("amqp_host", config.amqp_host), changes.get("amqp_port", config.amqp_port)) != \
+            (config.amqp_host, config.amqp_port):
+        changes["amqp_other_nodes"] = ()  # the module names one broker: another replaces a cluster
     if len(args) > len(_POSITIONS):
         changes["keymasks"] = normalize_masks(args[len(_POSITIONS):])
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]  # field values of mixed types; Config's __post_init__ validates them

@@ -5,11 +5,13 @@ aiormq does the connection work (handshake, login, heartbeats, ``channel.open``,
 frames straight to the socket and gets the broker's answers as plain calls. The interface::
 
     listener = LinkListener(on_confirm, on_return, on_closed)
-    link = await open_link(url, listener, timeout)  # raises BrokerError (code 3, 4 or 5)
+    link = await open_link(url, listener, timeout, vhost=..., exchange=..., tls=..., server_name=...)
+                               # raises BrokerError (code 3, 4 or 5) with a readable reason
     link.write(frames)         # whole frames for channel CHANNEL, written now, never awaited
     link.buffered              # bytes waiting in the socket (the caller's back-pressure signal)
     link.last_rx               # loop time the broker last sent a byte, heartbeats included
     link.frame_max             # the negotiated frame size, for the frame encoder
+    link.server                # "RabbitMQ 3.10.8", link.cluster_name: from the broker's properties
     link.abort()               # drop the connection now
     await link.close(timeout)  # Connection.Close handshake (up to timeout), then drop
 
@@ -63,10 +65,13 @@ import contextlib
 import importlib.metadata
 import inspect
 import logging
+import re
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, SupportsIndex
 
 import aiormq
+import pamqp.frame
 from aiormq import spec
 from aiormq.abc import ConfirmationFrameType
 from yarl import URL
@@ -78,6 +83,7 @@ __all__ = ["CHANNEL", "ConfirmLink", "LinkListener", "QuietAiormq", "check_aiorm
 CHANNEL = 1  # the one channel of a link
 FRAME_BUFFER = 1000  # frames aiormq queues for the channel before its connection reader waits
 READ_LIMIT = 1 << 20  # StreamReader limit for the broker's bytes
+HANDSHAKE_RECORD = 64 * 1024  # bytes of the broker's handshake kept to read a Connection.Close
 DISCARD_TIMEOUT = 1.0  # seconds to close a connection that failed to open
 ABORT_CLOSE_TIMEOUT = 2.0  # seconds aiormq gets to wind down after an abort
 
@@ -143,22 +149,37 @@ class LinkListener(NamedTuple):
 
 
 class _TimedReader(asyncio.StreamReader):
-    """A StreamReader that remembers when the broker last sent anything (heartbeats included)."""
+    """A StreamReader that remembers when the broker last sent anything (heartbeats included),
+    and keeps the handshake's bytes (until :attr:`handshake` is set to None): aiormq reports a
+    ``Connection.Close`` answering ``Connection.Open`` as an "unexpected frame", without its code."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(limit=READ_LIMIT, loop=loop)
         self._time = loop.time
         self.last_rx = loop.time()
+        self.handshake: bytearray | None = bytearray()
 
     def feed_data(self, data: Iterable[SupportsIndex]) -> None:  # the stub's type; it gets bytes
         self.last_rx = self._time()
+        if self.handshake is not None and len(self.handshake) < HANDSHAKE_RECORD:
+            self.handshake += data  # type: ignore[arg-type]  # bytes, whatever the stub says
         super().feed_data(data)
 
 
-class _Transports(aiormq.TransportFactory):
-    """Opens the TCP connection for aiormq and keeps the reader and writer for us."""
+class _Unreachable(Exception):
+    """The TCP connection or the TLS handshake failed; ``reason`` says why, readably."""
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Transports(aiormq.TransportFactory):
+    """Opens the TCP (or TLS) connection for aiormq and keeps the reader and writer for us."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None, server_name: str | None = None) -> None:
+        self.tls = tls
+        self.server_name = server_name
         self.reader: _TimedReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -166,11 +187,18 @@ class _Transports(aiormq.TransportFactory):
         loop = asyncio.get_running_loop()
         reader = _TimedReader(loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        assert url.host is not None and url.port is not None  # the settings always give both
         try:
-            assert url.host is not None and url.port is not None  # the settings always give both
-            transport, _ = await loop.create_connection(lambda: protocol, url.host, url.port)
+            transport, _ = await loop.create_connection(
+                lambda: protocol, url.host, url.port, ssl=self.tls,
+                server_hostname=(self.server_name or url.host) if self.tls else None)
+        except ssl.SSLCertVerificationError as exc:
+            raise _Unreachable(f"TLS: the broker's certificate is not trusted: {exc.verify_message} "
+                               "(check --amqp-tls-ca and --amqp-tls-server-name)") from None
+        except ssl.SSLError as exc:
+            raise _Unreachable(f"TLS handshake failed: {_ssl_reason(exc)}") from None
         except OSError as exc:
-            raise aiormq.AMQPConnectionError(*exc.args) from exc
+            raise _Unreachable(exc.strerror or describe(exc)) from None
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         self.reader, self.writer = reader, writer
         return reader, writer
@@ -213,6 +241,9 @@ class ConfirmLink:
         self._transports = transports
         self._transport = transports.writer.transport
         self.frame_max: int = conn.connection_tune.frame_max or 131072
+        properties = conn.server_properties or {}
+        self.server = f"{_text(properties.get('product')) or 'AMQP broker'} {_text(properties.get('version'))}".strip()
+        self.cluster_name = _text(properties.get("cluster_name"))
         for source in (conn, channel):
             source.closing.add_done_callback(self._on_closing)
 
@@ -255,38 +286,38 @@ class ConfirmLink:
         if listener is None:
             return
         reason = "closed"
-        if not fut.cancelled() and fut.exception() is not None:
-            reason = repr(fut.exception())
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            reason = describe(exc)
         listener.on_closed(reason)
 
 
-async def open_link(url: URL, listener: LinkListener, timeout: float) -> ConfirmLink:
-    """Connect, open channel :data:`CHANNEL` in confirm mode, each step within ``timeout``.
+async def open_link(url: URL, listener: LinkListener, timeout: float, *, vhost: str = "/",
+                    exchange: str = "", tls: ssl.SSLContext | None = None,
+                    server_name: str | None = None) -> ConfirmLink:
+    """Connect (over TLS with ``tls``), log in to ``vhost``, open channel :data:`CHANNEL` in
+    confirm mode and check that ``exchange`` exists (a passive declare; not for the default
+    exchange ``""``, which always does), each step within ``timeout``.
 
-    Raises :class:`~proxy.events.errors.BrokerError` (code 3 unreachable or refused, 4 login
-    refused, 5 channel failed); the caller retries later. Cancellation aborts the socket.
+    Raises :class:`~proxy.events.errors.BrokerError`, its reason one readable line naming the node:
+    code 3 unreachable, refused or a failed TLS handshake; 4 login or vhost refused; 5 channel
+    failed or exchange missing. The caller retries later. Cancellation aborts the socket.
     """
-    transports = _Transports()
+    transports = _Transports(tls, server_name)
     conn = aiormq.Connection(url, transport_factory=transports)
-    where = f"{url.host}:{url.port}"
+    conn.vhost = vhost  # as given: aiormq would read it back from the URL's path
+    where = _where(url)
     try:
         await asyncio.wait_for(conn.connect(), timeout)
-    except (aiormq.ProbableAuthenticationError, aiormq.AuthenticationError) as exc:
-        await _discard(conn, transports)
-        raise BrokerError(BrokerError.LOGIN_REFUSED, f"login refused by {where}: {exc}") from None
-    except aiormq.ConnectionClosed as exc:
-        await _discard(conn, transports)
-        code = BrokerError.LOGIN_REFUSED if exc.args and exc.args[0] in (403, 530) else BrokerError.REFUSED
-        raise BrokerError(code, f"{where} closed the connection: {exc}") from None
-    except asyncio.TimeoutError:
-        await _discard(conn, transports)
-        raise BrokerError(BrokerError.REFUSED, f"no AMQP handshake from {where} within {timeout}s") from None
-    except (aiormq.AMQPError, OSError) as exc:
-        await _discard(conn, transports)
-        raise BrokerError(BrokerError.REFUSED, f"cannot reach {where}: {exc!r}") from None
     except asyncio.CancelledError:
         transports.abort()
         raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a BrokerError with a reason
+        await _discard(conn, transports)
+        handshake = transports.reader.handshake if transports.reader is not None else None
+        raise _connect_failure(exc, bytes(handshake or b""), where, vhost, timeout, tls is not None) from None
+    if transports.reader is not None:
+        transports.reader.handshake = None
     try:
         channel = _ConfirmChannel(conn, CHANNEL, publisher_confirms=True, frame_buffer=FRAME_BUFFER,
                                   on_return_raises=False)
@@ -295,11 +326,114 @@ async def open_link(url: URL, listener: LinkListener, timeout: float) -> Confirm
         await asyncio.wait_for(channel.open(), timeout)
     except (aiormq.AMQPError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
         await _discard(conn, transports)
-        raise BrokerError(BrokerError.CHANNEL_FAILED, f"channel open failed on {where}: {exc!r}") from None
+        raise BrokerError(BrokerError.CHANNEL_FAILED, f"channel open failed on {where}: {describe(exc)}") from None
     except asyncio.CancelledError:
         transports.abort()
         raise
+    if exchange:
+        await _check_exchange(conn, channel, transports, exchange, where, vhost, timeout)
     return ConfirmLink(conn, channel, transports)
+
+
+async def _check_exchange(conn: aiormq.Connection, channel: aiormq.Channel, transports: _Transports,
+                          exchange: str, where: str, vhost: str, timeout: float) -> None:
+    """A passive declare: the broker closes the channel (404) when the exchange is missing."""
+    try:
+        await asyncio.wait_for(channel.exchange_declare(exchange, passive=True), timeout)
+    except asyncio.CancelledError:
+        transports.abort()
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a BrokerError with a reason
+        await _discard(conn, transports)
+        if isinstance(exc, aiormq.ChannelNotFoundEntity):
+            reason = f"exchange {exchange!r} does not exist in vhost {vhost!r} on {where}"
+        else:
+            reason = f"cannot check exchange {exchange!r} on {where}: {describe(exc)}"
+        raise BrokerError(BrokerError.CHANNEL_FAILED, reason) from None
+
+
+def _connect_failure(exc: BaseException, handshake: bytes, where: str, vhost: str, timeout: float,
+                     tls: bool) -> BrokerError:
+    """What a failed connect means, by the broker's own Connection.Close when it sent one."""
+    close = _close_frame(handshake)
+    if close is not None:
+        code, text = close
+        if code == 403:  # ACCESS_REFUSED: user or password
+            return BrokerError(BrokerError.LOGIN_REFUSED, f"login refused by {where}: {text}")
+        if code == 530:  # NOT_ALLOWED: no such vhost, or the user may not use it
+            return BrokerError(BrokerError.LOGIN_REFUSED, f"vhost {vhost!r} refused by {where}: {text}")
+        return BrokerError(BrokerError.REFUSED, f"{where} refused the connection: {code} {text}")
+    if isinstance(exc, _Unreachable):
+        return BrokerError(BrokerError.REFUSED, f"cannot reach {where}: {exc.reason}")
+    if isinstance(exc, asyncio.TimeoutError):
+        return BrokerError(BrokerError.REFUSED, f"no AMQP handshake from {where} within {timeout}s")
+    if isinstance(exc, (aiormq.ProbableAuthenticationError, aiormq.AuthenticationError)):
+        return BrokerError(BrokerError.LOGIN_REFUSED, f"login refused by {where}: {describe(exc)}")
+    if isinstance(exc, (aiormq.IncompatibleProtocolError, EOFError, ConnectionError, ssl.SSLError)):
+        hint = " (is a client certificate required?)" if tls else " (an AMQP port? TLS expected?)"
+        return BrokerError(BrokerError.REFUSED, f"{where} closed the connection during the AMQP "
+                           f"handshake{hint}: {describe(exc)}")
+    return BrokerError(BrokerError.REFUSED, f"cannot connect to {where}: {describe(exc)}")
+
+
+def _close_frame(data: bytes) -> tuple[int, str] | None:
+    """The reply code and text of the first ``Connection.Close`` in the broker's bytes, if any."""
+    offset = 0
+    while offset < len(data):
+        try:
+            consumed, _, frame = pamqp.frame.unmarshal(data[offset:])
+        except Exception:  # noqa: BLE001 - incomplete or not AMQP: no Close to find
+            return None
+        if isinstance(frame, spec.Connection.Close):
+            return frame.reply_code or 0, frame.reply_text or ""
+        if consumed <= 0:
+            return None
+        offset += consumed
+    return None
+
+
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def describe(exc: BaseException) -> str:
+    """One readable line for a failure: the broker's own words for a close (``NOT_FOUND - no
+    exchange 'x' in vhost '/'``), the system's for a socket error; never a Python repr."""
+    if isinstance(exc, _Unreachable):
+        return exc.reason
+    if isinstance(exc, aiormq.AMQPConnectionError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__  # aiormq wraps a socket error in a repr of it
+    if isinstance(exc, ssl.SSLError):
+        return _ssl_reason(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    words = [str(a) for a in exc.args if isinstance(a, (str, int)) and str(a)]
+    text = " ".join(words) if words else type(exc).__name__
+    if isinstance(exc, (asyncio.TimeoutError, EOFError)) and not words:
+        text = "timed out" if isinstance(exc, asyncio.TimeoutError) else "connection closed"
+    return _OBJECT_REPR.sub(r"\1", text)
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    # ssl's own errors carry these; getattr for one made by hand (tests, other libraries)
+    verify_message = getattr(exc, "verify_message", None)
+    if verify_message:
+        return f"certificate verify failed: {verify_message}"
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return _OBJECT_REPR.sub(r"\1", exc.strerror or type(exc).__name__)
+
+
+def _text(value: object) -> str:
+    """A server property as text (a field table may hold bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def _where(url: URL) -> str:
+    host = url.host or "?"
+    return f"[{host}]:{url.port}" if ":" in host else f"{host}:{url.port}"
 
 
 async def _discard(conn: aiormq.Connection, transports: _Transports) -> None:

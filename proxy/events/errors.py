@@ -10,8 +10,9 @@ One root, so a caller can catch everything this package raises on purpose; it is
     ├── LinkError             a Redis connection of the pipeline dropped or never came up;
     │                         the caller retries later (the source and the fallback reconnect)
     ├── BrokerError           connecting to RabbitMQ failed; ``code`` is the module's
-    │                         CONNECT ERROR number (3 refused/unreachable, 4 login refused,
-    │                         5 channel failed)
+    │                         CONNECT ERROR number (3 refused/unreachable/TLS failed, 4 login
+    │                         or vhost refused, 5 channel failed or exchange missing);
+    │                         ``reason`` is one readable line naming the node
     └── AiormqIncompatible    (also an ImportError) raised when ``proxy.events.amqp_wire`` is
                               imported with an aiormq that lacks a private hook it relies on;
                               install a checked aiormq version or port the adapter

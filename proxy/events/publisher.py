@@ -12,6 +12,11 @@ entry is ``(event, batch, index)`` as given to :meth:`AmqpPublisher.publish`. An
 confirmed only on ``basic.ack`` without a ``basic.return`` before it. It fails on nack, return,
 publish timeout, heartbeat silence, a channel or connection close: the sink stores it again.
 
+Several nodes (a RabbitMQ cluster): each connection attempt tries them all, in a random order
+(as RabbitMQ's own clients do: any node serves any client, and a shuffle spreads proxies over the
+cluster), the node just lost last. A lost connection fails what was in flight to the sink (the
+fallback list keeps it) and the next node takes over: see :meth:`AmqpPublisher._open`.
+
 Limits: at most ``config.publish_window`` messages unconfirmed, at most
 :data:`WRITE_BUFFER_LIMIT` bytes queued in the socket; past either, :meth:`room` is 0 and the
 caller keeps events elsewhere (the fallback list). Nothing here grows without bound.
@@ -22,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +36,7 @@ from typing import Any, Protocol
 
 from yarl import URL
 
+from proxy.amqp_tls import client_context
 from proxy.config import Config
 from proxy.events.amqp_wire import CHANNEL, ConfirmLink, LinkListener, open_link
 from proxy.events.errors import BrokerError
@@ -65,13 +73,23 @@ class Sink(Protocol):
     def on_settled(self, confirmed: list[InFlight], failed: list[InFlight]) -> None: ...
 
 
-def amqp_url(config: Config) -> URL:
-    """The aiormq URL for ``config`` (contains the password: never log it)."""
-    vhost = config.amqp_vhost
-    path = "/" if vhost == "/" else "/" + vhost
+def amqp_url(config: Config, node: tuple[str, int] | None = None) -> URL:
+    """The aiormq URL for ``config`` at ``node`` (default: the first); it contains the password:
+    never log it. The vhost and TLS are given to :func:`open_link` apart."""
+    host, port = node or config.amqp_nodes[0]
     return URL.build(scheme="amqp", user=config.amqp_user, password=config.amqp_password,
-                     host=config.amqp_host, port=config.amqp_port, path=path,
+                     host=host, port=port, path="/",
                      query={"heartbeat": str(max(0, config.heartbeat)), "name": "key-evt-amqp"})
+
+
+def _node_name(node: tuple[str, int]) -> str:
+    host, port = node
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: Which failure speaks for a failed round over several nodes: a refused login or vhost says the
+#: settings are wrong (4), a missing exchange too (5); unreachable nodes (3) say the least.
+_CODE_WEIGHT = {BrokerError.LOGIN_REFUSED: 3, BrokerError.CHANNEL_FAILED: 2, BrokerError.REFUSED: 1}
 
 
 class AmqpPublisher:
@@ -90,6 +108,10 @@ class AmqpPublisher:
         self.returned = 0
         self.timeouts = 0
         self.connections = 0
+        self.node = ""  # host:port of the node connected to; "" when none
+        self.cluster_name = ""  # the broker's cluster name, from the last connection
+        self._last_node: tuple[str, int] | None = None
+        self._tls: tuple[tuple[object, ...], ssl.SSLContext | None] | None = None
         self._link: ConfirmLink | None = None
         self._encoder: FrameEncoder | None = None
         self._frame_max = 131072
@@ -218,8 +240,10 @@ class AmqpPublisher:
     def _on_return(self, message_id: bytes, code: int, text: str) -> None:
         # basic.return comes before the basic.ack of the same message: remember, fail at the ack.
         self._returned_ids.add(message_id)
-        self._record_error(f"message returned by the broker: {code} {text} (no queue bound to "
-                           f"exchange {self.live.current.exchange!r} with key {self.live.current.routing_key!r}?)")
+        c = self.live.current
+        self._record_error(f"nothing is bound to exchange {c.exchange!r} with routing key "
+                           f"{c.routing_key!r} ({code} {text}): events wait in the fallback list "
+                           f"until a queue is bound")
         self._rlog.warn("returned", "amqp: %s", self.last_error)
 
     # ---- connection life-cycle ----------------------------------------------------------
@@ -257,20 +281,64 @@ class AmqpPublisher:
             await asyncio.sleep(delay)
 
     async def _open(self, config: Config) -> None:
-        """Connect, open the confirm channel, start the watchdog. Raises BrokerError."""
+        """Connect to a node, open the confirm channel, check the exchange, start the watchdog.
+
+        Nodes are tried in a random order, the one lost last at the end. Raises BrokerError when
+        none worked: the most telling code (4, then 5, then 3) and every node's reason.
+        """
+        failures: list[BrokerError] = []
         listener = LinkListener(self._on_confirm, self._on_return, self._on_closed)
-        link = await open_link(amqp_url(config), listener, config.connect_timeout)
+        timeout = config.amqp_connect_timeout or config.connect_timeout
+        for node in self._node_order(config.amqp_nodes):
+            try:
+                link = await open_link(amqp_url(config, node), listener, timeout, vhost=config.amqp_vhost,
+                                       exchange=config.exchange, tls=self._tls_context(config),
+                                       server_name=config.amqp_tls_server_name or None)
+            except BrokerError as exc:
+                failures.append(exc)
+                continue
+            self._attach(link, node, config)
+            return
+        if len(failures) == 1:
+            raise failures[0]
+        code = max((f.code for f in failures), key=lambda c: _CODE_WEIGHT.get(c, 0))
+        raise BrokerError(code, "; ".join(f.reason for f in failures))
+
+    def _node_order(self, nodes: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
+        order = list(nodes)
+        random.shuffle(order)
+        if self._last_node in order and len(order) > 1:
+            order.remove(self._last_node)
+            order.append(self._last_node)  # it just failed: the others first
+        return order
+
+    def _tls_context(self, config: Config) -> ssl.SSLContext | None:
+        """The TLS context for ``config``, built again only when its TLS settings change."""
+        key = (config.amqp_tls, config.amqp_tls_ca, config.amqp_tls_cert, config.amqp_tls_key,
+               config.amqp_tls_verify)
+        if self._tls is None or self._tls[0] != key:
+            try:
+                self._tls = (key, client_context(config))
+            except ValueError as exc:  # a file changed since the start
+                raise BrokerError(BrokerError.REFUSED, str(exc)) from None
+        return self._tls[1]
+
+    def _attach(self, link: ConfirmLink, node: tuple[str, int], config: Config) -> None:
         self._link = link
-        self._frame_max = link.frame_max
+        self._frame_max = min(link.frame_max, config.amqp_frame_max or link.frame_max)
         self._encoder = self._make_encoder()
         self._first_tag = 1
         self._early.clear()
         self._returned_ids.clear()
         self._lost = asyncio.get_running_loop().create_future()
         self.connections += 1
+        self._last_node = node
+        self.node, self.cluster_name = _node_name(node), link.cluster_name
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(link))
-        log.info("connected to RabbitMQ at %s:%s (heartbeat %ss)", config.amqp_host, config.amqp_port,
-                 config.heartbeat)
+        cluster = f", cluster {link.cluster_name}" if link.cluster_name else ""
+        log.info("amqp: connected to %s (%s%s; vhost %r, exchange %r checked; heartbeat %ss%s)",
+                 self.node, link.server, cluster, config.amqp_vhost, config.exchange or "(default)",
+                 config.heartbeat, ", TLS" if config.amqp_tls else "")
 
     def _on_closed(self, reason: str) -> None:
         self._drop(f"connection or channel closed: {reason}")
@@ -303,6 +371,7 @@ class AmqpPublisher:
         else:
             log.info("amqp: %s (%d message(s) unconfirmed go to the fallback list)", reason, len(self._pending))
         self._link = self._encoder = None
+        self.node = ""
         self._out.clear()
         if abort:
             link.abort()
@@ -332,7 +401,7 @@ class AmqpPublisher:
         try:
             await self._open(self.live.current)
         except BrokerError as exc:
-            self._note_error(f"connect failed: {exc.reason}")
+            self._note_error(f"cannot connect to RabbitMQ: {exc.reason}")
             self.state = previous if previous in (BrokerState.DISABLED, BrokerState.IDLE) else BrokerState.BACKOFF
             if self.state is BrokerState.BACKOFF:
                 self._start(connected=False)

@@ -179,12 +179,21 @@ class EventService:
 
     async def start(self) -> None:
         """Subscribe to Redis and join the fleet: the instance that holds the lease starts the
-        pipeline (``_promote``); the broker connects on the first event."""
+        pipeline (``_promote``). Connect to the broker now (in the background: ``connected to ...``
+        or a WARNING with the cause follows in the log), or at the first event with
+        ``amqp_connect`` lazy: a standby connects too, so that a takeover publishes at once."""
+        config = self.live.current
         if RESERVED not in self.fallback_key:
             log.warning("the fallback key %r is outside the reserved namespace (names containing %r): "
                         "the list is %r", self.fallback_key, RESERVED, self.fallback.key)
+        if config.amqp_tls and not config.amqp_tls_verify:
+            log.warning("amqp: TLS certificate verification is OFF (--amqp-tls-verify off): whoever "
+                        "sits between the proxy and RabbitMQ can pose as the broker and read the "
+                        "password and every event")
         await self.source.start()
         self.fleet.start()
+        if config.amqp_connect == "start":
+            self.publisher.ensure_connected()
 
     async def stop(self) -> None:
         """Hand over to a standby when there is one (``fleet.py``), stop reading Redis, wait
@@ -299,6 +308,8 @@ class EventService:
         sources = self.cluster.sources.values() if self.cluster is not None else [self.source]
         return {
             "amqp_state": p.state.value,
+            "amqp_node": p.node,
+            "amqp_cluster_name": p.cluster_name,
             "amqp_connections": p.connections,
             "source_state": self.source.state_name,
             "pipeline_mode": self.pipeline.mode.value,

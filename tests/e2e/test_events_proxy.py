@@ -111,7 +111,8 @@ def test_sigterm_stores_unconfirmed_events(queue: RabbitQueue, relay: FaultRelay
 
 
 def test_admin_connect_disconnect_replies(queue: RabbitQueue) -> None:
-    with RedisServer() as rs, ProxyProcess(rs.url, proxy_args(queue, AMQP_PORT)) as proxy:
+    # lazy, as the module: not connected until the first event or `connect`
+    with RedisServer() as rs, ProxyProcess(rs.url, proxy_args(queue, AMQP_PORT, "--amqp-connect", "lazy")) as proxy:
         with RawClient(proxy.port) as raw:
             raw.send(b"key_evt_amqp.connect\r\n")
             assert raw.sock.recv(100) == b"+AMQP CONNECT OK\r\n"

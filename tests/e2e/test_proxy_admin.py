@@ -433,7 +433,8 @@ def test_info_last_error_says_when_and_whether_it_still_holds() -> None:
     """Issue #8: `last_error` stayed after recovery with nothing to tell it was over. It stays,
     with the time it last happened (Unix ms) and `last_error_current` (1 until that part works
     again). Here the part is the keyspace subscription, refused by an ACL and then allowed again."""
-    with RedisServer() as server, ProxyProcess(server.url, ("--amqp", unreachable_amqp_url())) as proxy, \
+    with RedisServer() as server, \
+            ProxyProcess(server.url, ("--amqp", unreachable_amqp_url(), "--amqp-connect", "lazy")) as proxy, \
             server.client() as admin, RawClient(proxy.port) as raw:
         # No broker: the gap marker of the outage must not bring a broker error of its own.
         assert raw.command("key_evt_amqp.disconnect") == ErrorReply(b"AMQP DISCONNECT ERROR: 1")
