@@ -74,6 +74,10 @@ class Config:
     shutdown_timeout: float = 5 * SECONDS
 
     log_level: str = "INFO"
+    log_format: str = "text"  # text or json (one object per line)
+    #: where /metrics, /healthz and /readyz are served; port 0: off
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     def masked(self) -> dict[str, object]:
         """Every setting as plain values, passwords replaced by ``***``: for logs and replies."""

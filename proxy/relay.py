@@ -142,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server_state: ServerState, runtime: Runtime) -> None:
         self.server_state = server_state
         self.runtime = runtime  # for our own commands (:mod:`proxy.admin`)
+        self._metrics = server_state.metrics  # bytes each way, commands: counted per read
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.mode = Mode.FAST
@@ -318,6 +319,7 @@ class ClientConnection(asyncio.Protocol):
         while self._held and not self._pauses and self.mode is not Mode.CLOSING:
             data = self._held.pop(0)
             self._held_bytes -= len(data)
+            self._metrics.client_bytes_in -= len(data)  # counted when it was read
             self.data_received(data)
         transport = self.transport
         if (
@@ -347,6 +349,7 @@ class ClientConnection(asyncio.Protocol):
     # -- client -> Redis -----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self._metrics.client_bytes_in += len(data)  # read again from _continue: subtracted there
         if len(data) > READ_BUDGET and not self._pauses and (self.mode is _FAST or self.mode is Mode.EXACT):
             self._over_budget(data)
             return
@@ -393,6 +396,7 @@ class ClientConnection(asyncio.Protocol):
             commands.pop()
             self._corked(self._to_exact, data, commands)
             return
+        self._metrics.commands_relayed += len(commands)
         pending = self._pending + len(data) - size
         if not noticed and not self._carry and (
             pending == 0
@@ -433,6 +437,7 @@ class ClientConnection(asyncio.Protocol):
         behind this one (it can come from _continue): the rest goes before them, right after
         what the first part itself held back (that is put at the front)."""
         waiting = len(self._held)
+        self._metrics.client_bytes_in -= READ_BUDGET  # counted when it was read
         self.data_received(data[:READ_BUDGET])
         if self.mode is Mode.CLOSING or self.mode is Mode.DONE:
             return
@@ -752,6 +757,7 @@ class ClientConnection(asyncio.Protocol):
     # -- Redis -> client -----------------------------------------------------------------------
 
     def reply_data(self, data: bytes) -> None:
+        self._metrics.client_bytes_out += len(data)
         if self.barrier is None:
             self.transport.write(data)  # type: ignore[union-attr]  # hot path: no reply can come before the transport is set
         else:

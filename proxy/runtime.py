@@ -34,6 +34,9 @@ class Events(Protocol):
     def info(self) -> dict[str, object]:
         """The pipeline's fields of ``key_evt_amqp.info``, in order."""
 
+    def health(self) -> dict[str, object]:
+        """``redis``, ``broker``, ``fallback``: whether each works now (and their states)."""
+
 
 class Runtime:
     """The live configuration, the event service and the client counters, as commands see them."""
@@ -73,8 +76,14 @@ class Runtime:
         values: dict[str, object] = {
             "uptime_in_seconds": int(time.time() - self.started),
             "connected_clients": len(clients.clients),
-            "total_connections_received": clients.accepted,
-            "rejected_connections": clients.rejected,
+            "total_connections_received": clients.metrics.clients_accepted,
+            "rejected_connections": clients.metrics.clients_rejected,
         }
         values.update(self.events.info())
         return values
+
+    def health(self) -> dict[str, object]:
+        """``/readyz``: ready when Redis is reachable and events can go to the broker or the
+        fallback list; the body says which part is not."""
+        parts = self.events.health()
+        return {"ready": bool(parts["redis"] and (parts["broker"] or parts["fallback"])), **parts}

@@ -18,6 +18,8 @@ from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
 from proxy.events.service import EventService
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
+from proxy.monitor import Monitor
 from proxy.relay import ClientConnection
 from proxy.runtime import Runtime
 from proxy.state import ServerState
@@ -92,18 +94,22 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     the listener.
     """
     live = LiveConfig(config)
+    metrics = Metrics()
     topology = await _cluster_topology(config)
-    events = EventService(live, topology)
-    state = ServerState(config)
+    events = EventService(live, topology, metrics)
+    state = ServerState(config, metrics)
     runtime = Runtime(live, events, state)
     server = Server(state, runtime, topology)
+    monitor = Monitor(metrics, runtime.info, runtime.health)
+    where = f"{config.listen_host}:{config.listen_port}"
     try:
         await server.start(config.listen_host, config.listen_port)
+        if config.metrics_port:
+            where = f"{config.metrics_host}:{config.metrics_port} (--metrics-listen)"
+            await monitor.start(config.metrics_host, config.metrics_port)
     except OSError as exc:
-        if topology is not None:
-            topology.close()
-        print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
-              f"{exc.strerror}", file=sys.stderr)
+        await server.shutdown(0)  # closes the listener (if open) and the topology
+        print(f"key-evt-amqp: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
         return 1
     await events.start()
     log.info(
@@ -114,6 +120,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
         config.amqp_user, config.amqp_host, config.amqp_port, config.amqp_vhost,
         config.exchange, config.routing_key,
     )
+    if monitor.address:
+        log.info("metrics on http://%s/metrics (and /healthz, /readyz)", monitor.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -124,6 +132,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     log.info("shutting down: no new clients, finishing replies owed (at most %.1fs)",
              config.shutdown_timeout)
     await server.shutdown(config.shutdown_timeout)
+    await monitor.close()
     await events.stop()
     log.info("stopped")
     return 0

@@ -117,6 +117,22 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return text
+
+
+def _metrics_listen(text: str) -> dict[str, object]:
+    """``HOST:PORT`` or ``PORT`` (on 127.0.0.1: secure by default); ``""`` or ``off``: off."""
+    if text in ("", "off"):
+        return {"metrics_port": 0}
+    if text.isdigit():
+        return {"metrics_host": "127.0.0.1", "metrics_port": _port(text)}
+    address = _listen(text)
+    return {"metrics_host": address["listen_host"], "metrics_port": address["listen_port"]}
+
+
 def _key_bytes(text: str) -> bytes:
     # surrogateescape: argv and environ bytes that are not UTF-8 come back exactly as given.
     return text.encode("utf-8", "surrogateescape")
@@ -278,6 +294,11 @@ _OPTIONS = {
                 _field("shutdown_timeout", _seconds), _shown("shutdown_timeout")),
         _Option("log-level", "LEVEL", "one of " + ", ".join(_LOG_LEVELS),
                 _field("log_level", _log_level), _shown("log_level")),
+        _Option("log-format", "text|json", "text lines, or one JSON object per line",
+                _field("log_format", _log_format), _shown("log_format")),
+        _Option("metrics-listen", "[HOST:]PORT", "serve /metrics, /healthz and /readyz over HTTP "
+                "(a port alone: on 127.0.0.1)", _metrics_listen,
+                lambda c: f"{c.metrics_host}:{c.metrics_port}" if c.metrics_port else "off"),
     )
 }
 

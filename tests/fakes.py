@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from proxy.config import Config
+from proxy.metrics import Metrics
 
 
 class FakeTransport:
@@ -48,6 +49,7 @@ class FakeServer:
     def __init__(self, buffer_limit: int = 1 << 20) -> None:
         self.buffer_limit = buffer_limit
         self.runtime = SimpleNamespace(config=Config())
+        self.metrics = Metrics()
 
     def admit(self, client: object) -> bool:
         return True

@@ -142,6 +142,7 @@ class ClusterClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.server_state.metrics.client_bytes_in += len(data)
         if self._inline is not None or (not self._seen_input and data[:1] != b"*"):
             self._inline_received(data)
             return
@@ -179,6 +180,7 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def command(self, args: list[bytes]) -> None:
         """Route one client command (``args[0]`` its name, as sent)."""
+        self.server_state.metrics.commands_relayed += 1
         if self.streaming is not None:
             self.streaming.write(encode_command(*args))  # subscribed: a plain pipe to that node
             return
@@ -236,7 +238,9 @@ class ClusterClientConnection(asyncio.Protocol):
                 break
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(b"".join(out))
+            data = b"".join(out)
+            self.server_state.metrics.client_bytes_out += len(data)
+            transport.write(data)
         if close or (self._shutting and not order):
             self._close_with(None)
         elif not self._reading and len(order) <= MAX_ORDER // 2:

@@ -39,6 +39,7 @@ from proxy.events.fallback import FallbackList
 from proxy.events.message import Event
 from proxy.events.publisher import AmqpPublisher, BrokerState, InFlight
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
 from proxy.ratelog import RateLimitedLog
 
 __all__ = ["Mode", "Pipeline"]
@@ -93,8 +94,10 @@ def now_ms() -> int:
 class Pipeline:
     """Accepts events (:meth:`accept`, never blocks) and delivers them; run :meth:`start` first."""
 
-    def __init__(self, live: LiveConfig, publisher: AmqpPublisher, fallback: FallbackList) -> None:
+    def __init__(self, live: LiveConfig, publisher: AmqpPublisher, fallback: FallbackList,
+                 metrics: Metrics | None = None) -> None:
         self.live = live
+        self.metrics = metrics if metrics is not None else Metrics()
         self.publisher = publisher
         self.fallback = fallback
         self.mode = Mode.SPILLING  # until the pump has seen the list empty
@@ -108,10 +111,6 @@ class Pipeline:
         self.last_error = ""
         self.last_error_ms = 0  # when it last happened (Unix ms)
         self.last_error_current = False  # until the fallback list answers again
-        self.stats = dict.fromkeys((
-            "accepted", "published_direct", "confirmed_direct", "to_fallback", "replayed",
-            "replay_failures", "dropped_cap", "dropped_off", "dropped_overflow", "skipped_entries",
-        ), 0)
         self._rlog = RateLimitedLog(log)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -124,13 +123,13 @@ class Pipeline:
 
     def accept(self, event: Event) -> None:
         """Take one event from the source; never blocks, never raises."""
-        self.stats["accepted"] += 1
+        self.metrics.events_accepted += 1
         mode = self.mode
         if mode is Mode.DIRECT:
             if self.publisher.room():
                 self.publisher.publish(event)
                 self.direct_in_flight += 1
-                self.stats["published_direct"] += 1
+                self.metrics.published_direct += 1
                 return
             self._start_spilling()
         elif mode is Mode.HOLDING:
@@ -143,11 +142,11 @@ class Pipeline:
 
     def _spill(self, event: Event) -> None:
         if self.live.current.fallback_size < 0:
-            self.stats["dropped_off"] += 1
+            self.metrics.dropped_fallback_off += 1
             self._rlog.warn("off", "event dropped: the broker cannot take it and the fallback is off")
             return
         if len(self.spill) >= SPILL_LIMIT:
-            self.stats["dropped_overflow"] += 1
+            self.metrics.dropped_overflow += 1
             self._rlog.warn("overflow", "event dropped: %d events already wait for the fallback list "
                             "(is Redis refusing writes?)", SPILL_LIMIT)
             return
@@ -178,7 +177,7 @@ class Pipeline:
         for event, batch, index in confirmed:
             if batch is None:
                 self.direct_in_flight -= 1
-                self.stats["confirmed_direct"] += 1
+                self.metrics.confirmed_direct += 1
                 # the replayer (or the way back to DIRECT) waits for the last direct confirm
                 wake = wake or (self.direct_in_flight == 0 and self.mode is Mode.SPILLING)
             elif batch.abandoned:
@@ -191,7 +190,7 @@ class Pipeline:
             if batch is None:
                 self.direct_in_flight -= 1
                 if self.live.current.fallback_size < 0:
-                    self.stats["dropped_off"] += 1
+                    self.metrics.dropped_fallback_off += 1
                     self._rlog.warn("off", "event dropped: the broker refused it and the fallback is off")
                 else:
                     self.failed_direct.append(event)
@@ -267,18 +266,18 @@ class Pipeline:
         if self.failed_direct and self.direct_in_flight == 0:
             events = self.failed_direct
             if cap < 0:
-                self.stats["dropped_off"] += len(events)
+                self.metrics.dropped_fallback_off += len(events)
             else:
                 self._trimmed(await self.fallback.push(events, cap, front=True))
-                self.stats["to_fallback"] += len(events)
+                self.metrics.events_to_fallback += len(events)
             self.failed_direct = []
         while self.spill:
             chunk = list(islice(self.spill, SPILL_CHUNK))
             if cap < 0:
-                self.stats["dropped_off"] += len(chunk)
+                self.metrics.dropped_fallback_off += len(chunk)
             else:
                 self._trimmed(await self.fallback.push(chunk, cap))
-                self.stats["to_fallback"] += len(chunk)
+                self.metrics.events_to_fallback += len(chunk)
             for _ in range(len(chunk)):
                 self.spill.popleft()
 
@@ -286,7 +285,7 @@ class Pipeline:
         """The cap removed ``count`` elements from the head: account them to the batches reading there."""
         if not count:
             return
-        self.stats["dropped_cap"] += count
+        self.metrics.dropped_fallback_full += count
         self._rlog.warn("cap", "fallback list full (%d): dropped the %d oldest event(s)",
                         self.live.current.fallback_size, count)
         for batch in self.batches:
@@ -302,11 +301,11 @@ class Pipeline:
             batch = self.batches.popleft()
             if not batch.failed:
                 await self.fallback.remove(batch.n - batch.trimmed)
-                self.stats["replayed"] += batch.published
+                self.metrics.events_replayed += batch.published
                 self._retry_delay = RETRY_MIN
                 continue
             await self.fallback.remove(batch.confirmed_prefix() - batch.trimmed)
-            self.stats["replay_failures"] += 1
+            self.metrics.replay_failures += 1
             for other in (batch, *self.batches):
                 other.abandoned = True
                 self.abandoned_outstanding += other.outstanding
@@ -354,7 +353,7 @@ class Pipeline:
         batch = ReplayBatch(len(entries))
         for index, event in enumerate(entries):
             if event is None:
-                self.stats["skipped_entries"] += 1
+                self.metrics.fallback_skipped_entries += 1
                 self._rlog.warn("skip", "a fallback list element is not an event: skipped")
                 continue
             batch.ok[index] = False
@@ -396,7 +395,7 @@ class Pipeline:
         for event in hold:
             publisher.publish(event)
         self.direct_in_flight += len(hold)
-        self.stats["published_direct"] += len(hold)
+        self.metrics.published_direct += len(hold)
         self.mode = Mode.DIRECT
 
     # ---- shutdown ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from proxy.events.publisher import AmqpPublisher, BrokerState
 from proxy.events.redis_link import RedisLink
 from proxy.events.source import KeyspaceSource
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
 
 __all__ = ["EventService"]
 
@@ -77,16 +78,18 @@ class EventService:
     has one) and it is written on whichever master owns that slot now (``docs/cluster.md``).
     """
 
-    def __init__(self, live: LiveConfig, topology: Topology | None = None) -> None:
+    def __init__(self, live: LiveConfig, topology: Topology | None = None,
+                 metrics: Metrics | None = None) -> None:
         config = live.current
         self.live = live
+        self.metrics = metrics if metrics is not None else Metrics()
         #: fixed at start, as the fallback list's key (a new one applies at the next start)
         self.upstream = config.upstream
         self.fallback_key = config.fallback_key
         self._ids = IdSource()
-        self.publisher = AmqpPublisher(live, self)  # the service relays on_ready/on_settled
+        self.publisher = AmqpPublisher(live, self, self.metrics)  # the service relays on_ready/on_settled
         self.fallback = self._fallback_list(topology)
-        self.pipeline = Pipeline(live, self.publisher, self.fallback)
+        self.pipeline = Pipeline(live, self.publisher, self.fallback, self.metrics)
         self.cluster: ClusterSources | None = None
         self.source: KeyspaceSource | ClusterSources
         if topology is None:
@@ -96,11 +99,6 @@ class EventService:
             self.source = self.cluster = ClusterSources(
                 topology, self.upstream, live, on_event=self.on_node_keyspace, on_gap=self.publish_gap,
                 on_flags=self.cluster_flags_checked)
-        self.seen = 0
-        self.filtered = 0
-        self.own_keys = 0
-        self.gaps = 0
-        self.gap_ms = 0
         self.notify_keyspace_events = ""
         self.notify_config_error = ""
         self._flags_task: asyncio.Task[None] | None = None
@@ -111,7 +109,7 @@ class EventService:
         timeout = self.live.current.connect_timeout
         if topology is None:
             return FallbackList(self.upstream, fallback_key_for(self.fallback_key), timeout,
-                                on_lost=self._fallback_lost)
+                                on_lost=self._fallback_lost, metrics=self.metrics)
         key = cluster_fallback_key(self.fallback_key)
         slot = key_slot(key)
         seed = (self.upstream.host, self.upstream.port)
@@ -128,7 +126,7 @@ class EventService:
                 topology.refresh_soon()
 
         return FallbackList(locate(), key, timeout, locate=locate, on_moved=on_moved,
-                            on_lost=self._fallback_lost)
+                            on_lost=self._fallback_lost, metrics=self.metrics)
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -191,44 +189,57 @@ class EventService:
         return "AMQP DISCONNECT OK"
 
     def info(self) -> dict[str, object]:
-        p, s = self.publisher, self.pipeline.stats
+        p, m = self.publisher, self.metrics
         sources = self.cluster.sources.values() if self.cluster is not None else [self.source]
         return {
             "amqp_state": p.state.value,
-            "amqp_connections": p.connections,
+            "amqp_connections": m.amqp_connections,
             "source_state": self.source.state_name,
             "pipeline_mode": self.pipeline.mode.value,
-            "events_seen": self.seen,
-            "events_filtered": self.filtered,
-            "events_own_keys": self.own_keys,
-            "events_accepted": s["accepted"],
-            "events_published": p.published,
-            "events_confirmed": p.confirmed,
-            "events_nacked": p.nacked,
-            "events_returned": p.returned,
-            "publish_timeouts": p.timeouts,
+            "events_seen": m.events_seen,
+            "events_filtered": m.events_filtered,
+            "events_own_keys": m.events_own_keys,
+            "events_accepted": m.events_accepted,
+            "events_published": m.events_published,
+            "events_confirmed": m.events_confirmed,
+            "events_nacked": m.events_nacked,
+            "events_returned": m.events_returned,
+            "publish_timeouts": m.publish_timeouts,
             "events_in_flight": p.in_flight,
             "events_held": len(self.pipeline.hold),
-            "events_to_fallback": s["to_fallback"],
-            "events_replayed": s["replayed"],
+            "events_to_fallback": m.events_to_fallback,
+            "events_replayed": m.events_replayed,
             "events_waiting_for_fallback": len(self.pipeline.spill) + len(self.pipeline.failed_direct),
-            "events_dropped": s["dropped_cap"] + s["dropped_off"] + s["dropped_overflow"] + self.fallback.lost,
-            "events_dropped_fallback_full": s["dropped_cap"],
-            "events_dropped_fallback_off": s["dropped_off"],
-            "events_dropped_overflow": s["dropped_overflow"],
-            "events_dropped_fallback_lost": self.fallback.lost,
-            "fallback_restored": self.fallback.restored,
-            "fallback_skipped_entries": s["skipped_entries"],
+            "events_dropped": m.events_dropped,
+            "events_dropped_fallback_full": m.dropped_fallback_full,
+            "events_dropped_fallback_off": m.dropped_fallback_off,
+            "events_dropped_overflow": m.dropped_overflow,
+            "events_dropped_fallback_lost": m.fallback_lost,
+            "fallback_restored": m.fallback_restored,
+            "fallback_skipped_entries": m.fallback_skipped_entries,
             "fallback_length": self.fallback.length,
             "fallback_key": self.fallback.key.decode("utf-8", "backslashreplace"),
-            "replay_failures": s["replay_failures"],
-            "gaps": self.gaps,
-            "gap_ms_total": self.gap_ms,
+            "replay_failures": m.replay_failures,
+            "gaps": m.gaps,
+            "gap_ms_total": m.gap_ms,
             "source_reconnects": self.source.reconnects,
             "notify_keyspace_events": self.notify_keyspace_events,
             "notify_config_error": self.notify_config_error,
             **_last_error([p, self.pipeline, *sources]),
             **(self.cluster.info() if self.cluster is not None else {}),
+        }
+
+    def health(self) -> dict[str, object]:
+        """What ``/readyz`` says: whether Redis is reachable (the subscription is up), the broker
+        usable (connected, or idle: it connects on the first event) and the fallback list on and
+        answering (its last operation did not fail)."""
+        state = self.publisher.state
+        return {
+            "redis": self.source.state_name == "subscribed",
+            "broker": state is BrokerState.READY or (state is BrokerState.IDLE and not self.publisher.last_error_current),
+            "fallback": self.live.current.fallback_size >= 0 and not self.pipeline.last_error_current,
+            "broker_state": state.value,
+            "source_state": self.source.state_name,
         }
 
     # ---- events -------------------------------------------------------------------------------
@@ -241,17 +252,18 @@ class EventService:
                          headers: tuple[tuple[bytes, bytes], ...] = (), extra: bytes = b"") -> None:
         """One event (in cluster mode from one master: ``headers`` name its ``node`` and
         ``shard``): filter it by class, mask and own keys, then hand it to the pipeline."""
-        self.seen += 1
+        metrics = self.metrics
+        metrics.events_seen += 1
         ok = self._class_ok.get(name)
         if ok is None:
             if len(self._class_ok) >= CLASS_CACHE_LIMIT:
                 self._class_ok.clear()
             ok = self._class_ok[name] = event_class(name) in self._classes
         if not ok or not self._keys.matches(key):
-            self.filtered += 1
+            metrics.events_filtered += 1
             return
         if RESERVED in key:  # a fallback list (any instance's): forwarding it would loop
-            self.own_keys += 1
+            metrics.events_own_keys += 1
             return
         self.pipeline.accept(Event.keyspace(self._ids.next(), int(time.time() * 1000), db, name, key,
                                             headers, extra))
@@ -259,8 +271,8 @@ class EventService:
     def publish_gap(self, start_ms: int, end_ms: int, source: bytes,
                     headers: tuple[tuple[bytes, bytes], ...]) -> None:
         """Cluster mode: a gap marker for one shard (``headers`` name the shard and its nodes)."""
-        self.gaps += 1
-        self.gap_ms += end_ms - start_ms
+        self.metrics.gaps += 1
+        self.metrics.gap_ms += end_ms - start_ms
         log.warning("keyspace events of %s between %d and %d (%d ms) may be lost (failover or lost "
                     "subscription); a gap marker follows in the stream", source.decode(), start_ms,
                     end_ms, end_ms - start_ms)
@@ -281,8 +293,8 @@ class EventService:
         self.notify_config_error = error
 
     def _on_gap(self, start_ms: int, end_ms: int) -> None:
-        self.gaps += 1
-        self.gap_ms += end_ms - start_ms
+        self.metrics.gaps += 1
+        self.metrics.gap_ms += end_ms - start_ms
         log.warning("keyspace events between %d and %d (%d ms) are lost: the subscription to Redis "
                     "was down; a gap marker follows in the stream", start_ms, end_ms, end_ms - start_ms)
         source = f"{self.upstream.host}:{self.upstream.port}".encode()

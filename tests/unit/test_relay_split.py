@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from protocol.barrier import PROBE
 from proxy.config import Config
 from proxy.relay import ClientConnection, Mode
+from proxy.metrics import Metrics
 
 
 def encode(args: list[bytes]) -> bytes:
@@ -52,6 +53,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.runtime = FakeRuntime()
+        self.metrics = Metrics()
 
     def admit(self, client: ClientConnection) -> bool:
         return True
