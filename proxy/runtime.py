@@ -16,6 +16,7 @@ from protocol import replies
 from proxy.config import Config
 from proxy.errors import CommandError
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
 from proxy.state import ServerState
 
 __all__ = ["Events", "Runtime"]
@@ -46,6 +47,11 @@ class Runtime:
         self.events = events
         self.server_state = server_state
         self.started = time.time()
+
+    @property
+    def metrics(self) -> Metrics:
+        """The proxy's counters (:mod:`proxy.metrics`)."""
+        return self.server_state.metrics
 
     @property
     def config(self) -> Config:
