@@ -51,6 +51,7 @@ from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
 from proxy.connect import open_redis
+from proxy.offline import OfflineConnection, is_local
 from proxy.ratelog import RateLimitedLog
 from proxy.upstream import UpstreamConnection
 
@@ -173,6 +174,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.server_state.admit(self):
             self._fail("ERR max number of clients reached")
             return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected", stream.get_extra_info("peername"))
         self._pause(Pause.CONNECTING)
         self.server_state.spawn(self._connect_upstream())
 
@@ -187,7 +190,13 @@ class ClientConnection(asyncio.Protocol):
             # One line per interval, not one per client: clients reconnect in tight loops.
             _quiet_log.warn("unreachable", "cannot reach Redis at %s:%s: %s", address.host, address.port, reason)
             # Closed without a reply, as if Redis had refused the connection: clients retry on
-            # a lost connection, not on an error reply.
+            # a lost connection, not on an error reply. A client on this machine may still read
+            # key_evt_amqp.info first (proxy/offline.py).
+            if self.transport is not None and self.mode is not Mode.CLOSING and is_local(self.transport):
+                held, self._held = self._held, []
+                self._held_bytes = 0
+                OfflineConnection(self, self.runtime, self.transport).start(held)
+                return
             self._fail(None)
             return
         if self.mode is Mode.CLOSING:
@@ -200,6 +209,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode = Mode.CLOSING
         self.server_state.forget(self)
+        if log.isEnabledFor(logging.DEBUG) and self.transport is not None:
+            log.debug("client %s disconnected", self.transport.get_extra_info("peername"))
         self._cancel_timer()
         if self.barrier is not None:
             self.barrier.cancel()

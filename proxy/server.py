@@ -17,6 +17,7 @@ from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Topology, is_cluster
 from proxy.config import Config
 from proxy.events.service import EventService
+from proxy import logs
 from proxy.live import LiveConfig
 from proxy.metrics import Metrics
 from proxy.monitor import Monitor
@@ -153,9 +154,5 @@ def _return_freed_memory() -> None:
 def run(config: Config) -> int:
     """Run the proxy until SIGTERM or SIGINT; returns the process exit code."""
     _return_freed_memory()
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(config.log_level, config.log_format)
     return uvloop.run(serve(config))

@@ -160,7 +160,7 @@ class ClusterClientConnection(asyncio.Protocol):
         except hiredis.ProtocolError:
             self._order_local(replies.error("ERR Protocol error: invalid multibulk request")).close_after = True
         if reader.len() > MAX_COMMAND_BYTES:
-            log.info("client command above %d bytes: closed", MAX_COMMAND_BYTES)
+            log.debug("client command above %d bytes: closed", MAX_COMMAND_BYTES)
             self._close_with(f"ERR key-evt-amqp: command larger than {MAX_COMMAND_BYTES} bytes")
             return
         self.flush()
@@ -367,7 +367,7 @@ class ClusterClientConnection(asyncio.Protocol):
         # It may have died full (no resume_writing comes after connection_lost): forget that.
         self._full_links.discard(link)
         self._set_reading()
-        log.info("node %s: %s", link.name, reason)
+        log.debug("node %s: %s", link.name, reason)
         self.topology.refresh_soon()
         error = replies.error(f"ERR key-evt-amqp: lost the connection to Redis node {link.name} ({reason})")
         inflight, link.inflight = link.inflight, deque()
@@ -431,7 +431,7 @@ class ClusterClientConnection(asyncio.Protocol):
         -EXECABORT) and only its MULTI is kept."""
         size = len(sent.data)
         if self.tx_held and self.tx_held_bytes + size > self.server_state.buffer_limit:
-            log.info("transaction above %d bytes before its first key: aborted", self.server_state.buffer_limit)
+            log.debug("transaction above %d bytes before its first key: aborted", self.server_state.buffer_limit)
             del self.tx_held[1:]
             self.tx_held_bytes = len(self.tx_held[0].data)
             self.tx_aborted = True

@@ -42,7 +42,7 @@ from proxy.metrics import Metrics
 
 __all__ = ["FallbackList"]
 
-log = logging.getLogger("proxy.events.fallback")
+log = logging.getLogger("key_evt_amqp.events.fallback")
 
 PUSH_CHUNK = 1000  # elements per RPUSH/LPUSH command
 OP_TIMEOUT = 10.0  # seconds for one round trip before the link counts as dead

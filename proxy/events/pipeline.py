@@ -44,7 +44,7 @@ from proxy.ratelog import RateLimitedLog
 
 __all__ = ["Mode", "Pipeline"]
 
-log = logging.getLogger("proxy.events.pipeline")
+log = logging.getLogger("key_evt_amqp.events.pipeline")
 
 SPILL_LIMIT = 200_000  # events waiting to be written to the list
 SPILL_CHUNK = 5000  # events per list write
@@ -117,6 +117,7 @@ class Pipeline:
         self._task: asyncio.Task[None] | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
+        self._replay_run: tuple[float, int] | None = None  # since when (monotonic), events_replayed then
         fallback.on_reset = self._list_reset
 
     # ---- hot path ---------------------------------------------------------------------------
@@ -350,6 +351,9 @@ class Pipeline:
                 return
 
     def _publish_batch(self, entries: list[Event | None]) -> None:
+        if self._replay_run is None:
+            self._replay_run = (time.monotonic(), self.metrics.events_replayed)
+            log.info("replaying the fallback list (%d events)", self.fallback.length)
         batch = ReplayBatch(len(entries))
         for index, event in enumerate(entries):
             if event is None:
@@ -378,7 +382,16 @@ class Pipeline:
             self._start_spilling(connect=False)
         self._wake.set()
 
+    def _replay_done(self) -> None:
+        """The list is empty: the replay (if one ran) is over."""
+        if self._replay_run is not None:
+            started, before = self._replay_run
+            self._replay_run = None
+            log.info("replayed %d events in %.1f s", self.metrics.events_replayed - before,
+                     time.monotonic() - started)
+
     def _list_empty(self) -> None:
+        self._replay_done()
         self.list_known_empty = True
         self.mode = Mode.HOLDING
         self._try_direct()
@@ -397,6 +410,7 @@ class Pipeline:
         self.direct_in_flight += len(hold)
         self.metrics.published_direct += len(hold)
         self.mode = Mode.DIRECT
+        self._replay_done()
 
     # ---- shutdown ---------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from proxy.ratelog import RateLimitedLog
 
 __all__ = ["AmqpPublisher", "BrokerState", "InFlight"]
 
-log = logging.getLogger("proxy.events.publisher")
+log = logging.getLogger("key_evt_amqp.events.publisher")
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024  # bytes queued in the socket before publishing pauses
 RECONNECT_MIN = 0.25

@@ -40,7 +40,7 @@ from proxy.metrics import Metrics
 
 __all__ = ["EventService"]
 
-log = logging.getLogger("proxy.events")
+log = logging.getLogger("key_evt_amqp.events")
 
 #: Event names whose class verdict is cached; past it the cache starts over (module events can
 #: have any name, so the set of names is not bounded by Redis).

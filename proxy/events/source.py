@@ -33,7 +33,7 @@ from proxy.events.redis_link import RedisLink, open_link
 
 __all__ = ["KeyspaceSource", "SourceState", "parse_channel"]
 
-log = logging.getLogger("proxy.events.source")
+log = logging.getLogger("key_evt_amqp.events.source")
 
 PATTERN = b"__keyevent@*__:*"
 _PREFIX = b"__keyevent@"
@@ -148,6 +148,9 @@ class KeyspaceSource:
 
     def _subscribed(self) -> None:
         self.state = SourceState.SUBSCRIBED
+        if self.last_error_current or not self.last_error_ms:
+            log.info("keyspace source: subscribed to %s%s", self.address.masked_url(),
+                     " again" if self.last_error_ms else "")
         self.last_error_current = False
         now = self._good_ms = now_ms()
         self._last_pong = time.monotonic()
