@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy import settings
+from proxy.tail import add_arguments as tail_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +28,15 @@ def _parser() -> argparse.ArgumentParser:
         epilog=settings.HELP_EPILOG,
     )
     settings.add_arguments(serve)
+    tail = commands.add_parser(
+        "tail",
+        help="print the events as they reach the broker",
+        description="Bind an exclusive, auto-delete queue to the configured exchange and routing key "
+        "and print one line per event (the connection flags, environment and config file are serve's).",
+        epilog=settings.HELP_EPILOG,
+    )
+    settings.add_arguments(tail)
+    tail_arguments(tail)
     return parser
 
 
@@ -37,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().parse_args(argv)
     except SystemExit as exc:  # argparse after --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
-    # Only one command so far: argv[0] is "serve", the rest are its flags.
+    if argv[0] == "tail":
+        from proxy.tail import main as tail
+
+        return tail(argv[1:], os.environ)
+    # argv[0] is "serve", the rest are its flags.
     try:
         config = settings.load(argv[1:], os.environ)
     except settings.ConfigError as exc:
