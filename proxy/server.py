@@ -127,6 +127,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # No reload: most settings are fixed at start, the others are changed by our commands, and a
+    # file read again would silently undo those. SIGHUP must not stop the proxy either.
+    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: the configuration is not reloaded "
+                            "(restart the proxy, or change it with the key_evt_amqp.* commands)")
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -4,9 +4,11 @@ Sources, lowest priority first; each setting is taken whole from the highest sou
 
 1. the defaults in :class:`~proxy.config.Config`;
 2. the TOML file named by ``--config`` (or ``KEY_EVT_AMQP_CONFIG``), keys = long flag names with
-   underscores (``routing_key = "rk"``, ``keymask = ["^user:", "^order:"]``);
+   underscores or dashes (``routing_key = "rk"``, ``delivery-mode = 2``, ``keymask = ["^user:",
+   "^order:"]``); an unknown key is an error;
 3. environment variables ``KEY_EVT_AMQP_<FLAG>`` (``KEY_EVT_AMQP_ROUTING_KEY``); the key masks in
-   ``KEY_EVT_AMQP_KEYMASK`` are comma-separated, and an empty value means no mask;
+   ``KEY_EVT_AMQP_KEYMASK`` are comma-separated, and an empty value means no mask; an unknown
+   ``KEY_EVT_AMQP_*`` variable is an error naming it;
 4. command-line flags;
 5. last, the module's positional list from ``--module-args`` (from whichever source gave it): a
    migrated ``loadmodule`` line keeps meaning what it meant, so its positions override the same
@@ -357,6 +359,11 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, _Entry]:
+    known = {ENV_PREFIX + name.upper() for name in _OPTIONS}
+    unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known)
+    if unknown:  # a typo must not silently leave a setting at its default
+        raise ConfigError(f"unknown environment variable {unknown[0]} (settings are {ENV_PREFIX}<FLAG>, "
+                          f"e.g. {ENV_PREFIX}ROUTING_KEY)")
     entries: dict[str, _Entry] = {}
     for name in _OPTIONS:
         variable = ENV_PREFIX + name.upper()
@@ -376,9 +383,12 @@ def _from_file(path: str) -> dict[str, _Entry]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid config file {path!r}: {exc}") from None
     entries: dict[str, _Entry] = {}
-    for key, value in data.items():
+    for given, value in data.items():
+        key = given.replace("-", "_")  # delivery-mode and delivery_mode alike
         if key not in _OPTIONS or key == "config":
-            raise ConfigError(f"{path}: unknown setting {key!r}")
+            raise ConfigError(f"{path}: unknown setting {given!r}")
+        if key in entries:
+            raise ConfigError(f"{path}: {given!r} given twice (- and _ name the same setting)")
         label = (f"{path}: ", key)
         if key in ("keymask", "module_args") and isinstance(value, list):
             if not all(isinstance(item, str) for item in value):
