@@ -5,8 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Arguments for `make run`, e.g. make run ARGS="--keymask ALL --events A"
-ARGS ?= --keymask ALL
+# Arguments for `make run` (default: forward every event of every key), e.g. make run ARGS="--keymask ^user: --events xe"
+ARGS ?= --keymask ALL --events A
 # Where `make run` expects Redis and RabbitMQ (started locally when nothing answers there).
 REDIS_HOST ?= 127.0.0.1
 REDIS_PORT ?= 6379

@@ -20,15 +20,23 @@ from protocol import replies
 from protocol.commands import encode_command
 
 __all__ = [
-    "PROBE", "PROBE_REPLY_MAX", "Markers", "Probe", "cut", "ends_with_error", "hello_refused",
-    "judge_probe", "line_start", "markers", "refusal",
+    "PROBE", "PROBE_REPLY_MAX", "READ_PROBE", "WHOAMI", "Markers", "Probe", "cut", "ends_with_error",
+    "hello_refused", "judge_probe", "line_start", "markers", "refusal", "user_of",
 ]
 
 #: ``CONFIG SET`` of an option no Redis has: Redis checks the ACL before the arguments, so the
 #: reply says whether the user may run ``CONFIG SET`` and nothing changes.
 PROBE = encode_command(b"CONFIG", b"SET", b"key-evt-amqp-authority-probe", b"1")
-#: The probe's reply is one error line, shorter than this.
+#: For our commands that only read (``info``, ``config_get``), sent before :data:`PROBE` (either
+#: right suffices): ``INFO`` of a section no Redis has. Redis checks the ACL first (``-NOPERM``,
+#: ``-NOAUTH``); an allowed user gets an empty text (``$0``, or ``=4 txt:`` in RESP3): nothing
+#: changes, no error is counted, and Redis builds no section at all.
+READ_PROBE = encode_command(b"INFO", b"key-evt-amqp-authority-probe")
+_READ_ALLOWED = (b"$0\r\n\r\n", b"=4\r\ntxt:\r\n")
+#: The probe's reply is one error line (or an empty text), shorter than this.
 PROBE_REPLY_MAX = 512
+#: Asked after an allowed command that changes something, for the audit log: the user's name.
+WHOAMI = encode_command(b"ACL", b"WHOAMI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +72,12 @@ def ends_with_error(stream: bytes) -> bool:
     return stream.endswith(b"\r\n") and stream[line_start(stream, len(stream)):][:1] == b"-"
 
 
-def cut(stream: bytes, marks: Markers, waited: bytes, *, fallback: bool, probed: bool) -> tuple[int, int]:
+def cut(stream: bytes, marks: Markers, waited: bytes, *, fallback: bool, probed: bool,
+        probes: int = 1) -> tuple[int, int]:
     """``(start, end)`` in a reply stream that ends with ``waited``, the marker reply waited for:
-    ``stream[:start]`` is the client's, ``stream[start:end]`` the probe's reply (empty unless
-    ``probed``), and the rest the markers' replies. ``fallback``: the unknown command was sent
-    behind ECHO, whose reply comes just before its own."""
+    ``stream[:start]`` is the client's, ``stream[start:end]`` the replies of the ``probes`` probes
+    (none unless ``probed``), and the rest the markers' replies. ``fallback``: the unknown command
+    was sent behind ECHO, whose reply comes just before its own."""
     end = len(stream) - len(waited)
     if fallback:
         # ECHO's reply is the frame before: the token, or the one error line it got.
@@ -76,9 +85,19 @@ def cut(stream: bytes, marks: Markers, waited: bytes, *, fallback: bool, probed:
             end -= len(marks.echo_reply)
         else:
             end = line_start(stream, end)
-    # The probe's reply is the frame before the marker's: one error line, no CRLF inside.
-    start = line_start(stream, end) if probed else end
+    # The probe's reply is the frame before the marker's: one error line, no CRLF inside, or the
+    # read probe's empty text (two lines: the header and an empty or "txt:" line).
+    start = end
+    for _ in range(probes if probed else 0):
+        start = _probe_reply_start(stream, start)
     return start, end
+
+
+def _probe_reply_start(stream: bytes, end: int) -> int:
+    for allowed in _READ_ALLOWED:
+        if stream.endswith(allowed, 0, end):
+            return end - len(allowed)
+    return line_start(stream, end)
 
 
 def hello_refused(stream: bytes, end: int) -> bool:
@@ -105,7 +124,10 @@ class Probe(enum.Enum):
 
 
 def judge_probe(reply: bytes) -> Probe:
-    if reply.startswith(b"-ERR Unknown option"):
+    """What the probes' replies say: ``reply`` is :data:`PROBE`'s, or :data:`READ_PROBE`'s and
+    then :data:`PROBE`'s (allowed when either is)."""
+    if (reply.startswith(b"-ERR Unknown option") or reply.startswith(_READ_ALLOWED)
+            or b"\r\n-ERR Unknown option" in reply):
         return Probe.ALLOWED
     if reply.startswith(b"-NOAUTH"):
         return Probe.NOAUTH
@@ -116,9 +138,19 @@ def judge_probe(reply: bytes) -> Probe:
     return Probe.OTHER
 
 
-def refusal(name: str) -> bytes:
-    """The reply to our command ``name`` when the probe did not allow it (NOAUTH aside)."""
+def refusal(name: str, needs: str = "CONFIG SET") -> bytes:
+    """The reply to our command ``name`` when the probe did not allow it (NOAUTH aside):
+    ``needs`` is the Redis command whose right it takes (``CONFIG SET``, or ``INFO``)."""
     return replies.error(
         f"NOPERM this user has no permissions to run the '{name}' command "
-        "(it needs the right to run CONFIG SET)"
+        f"(it needs the right to run {needs})"
     )
+
+
+def user_of(reply: bytes) -> str:
+    """The user name in the reply to :data:`WHOAMI` (a bulk string), or ``"?"`` when Redis
+    refused it (a user without ``+acl|whoami``) or it is not one."""
+    header, sep, rest = reply.partition(b"\r\n")
+    if sep and header[:1] == b"$" and header[1:].isdigit() and len(rest) == int(header[1:]) + 2:
+        return rest[:-2].decode("utf-8", "backslashreplace")
+    return "?"

@@ -39,6 +39,8 @@ from protocol.commands import admin_verb
 from protocol.events import parse_classes
 from protocol.integers import string2ll
 from protocol.keymask import add_masks
+from proxy.config import Config
+from proxy.ratelog import RateLimitedLog
 from proxy.runtime import Change, Runtime
 from proxy.settings import apply_module_args, module_arg_fields
 
@@ -57,6 +59,10 @@ class BarrierOwner(Protocol):
     def barrier_done(self, reply: bytes, *, close: bool = False) -> None: ...
 
 log = logging.getLogger("key_evt_amqp.admin")
+_refusals = RateLimitedLog(log)
+
+#: Our commands that only read: they need the authority to run ``INFO`` (the others: ``CONFIG SET``).
+READ_VERBS = frozenset({"info", "config_get"})
 
 Reply = bytes | Awaitable[bytes]
 Handler = Callable[["Runtime", str, list[bytes], bool], Reply]
@@ -86,6 +92,7 @@ class Barrier:
         self.marker_reply = self.markers.echo_reply  # the reply that ends the wait
         self.fallback = False  # the unknown command was sent behind ECHO
         self.probing = False
+        self.asking_user = False  # allowed; waiting for the reply to ACL WHOAMI (audit log)
         self._tail = b""  # reply bytes kept back: the end of the stream may be our replies
         self._task: asyncio.Task[None] | None = None
 
@@ -103,7 +110,9 @@ class Barrier:
             self.probing = True
         # One write, so that Redis reads both at once and answers both at once (a probe's error
         # line read alone would look like a refused ECHO).
-        probe = barrier.PROBE if self.probing else b""
+        probe = b""
+        if self.probing:
+            probe = barrier.PROBE if self._probes() == 1 else barrier.READ_PROBE + barrier.PROBE
         if client.in_multi:
             self.marker_reply = self.markers.unknown_reply
             client.inject(probe + self.markers.unknown)
@@ -115,6 +124,9 @@ class Barrier:
         transport = self.client.transport
         assert transport is not None
         stream = self._tail + data
+        if self.asking_user:
+            self._user_replies(stream)
+            return
         echo_reply = self.markers.echo_reply
         if not stream.endswith(self.marker_reply):
             if not self.fallback and self.marker_reply is echo_reply and barrier.ends_with_error(stream):
@@ -125,11 +137,15 @@ class Barrier:
             return
         self._tail = b""
         start, end = barrier.cut(stream, self.markers, self.marker_reply, fallback=self.fallback,
-                                 probed=self.probing)
+                                 probed=self.probing, probes=self._probes())
         if not self.probing and self.hello is not None and not barrier.hello_refused(stream, end):
             self.client.resp3 = self.hello == 3
         transport.write(stream[:start])
         self._ready(stream[start:end])
+
+    def _probes(self) -> int:
+        """How many probes go before the marker: ours that only read take either right."""
+        return 2 if self.args is not None and admin_verb(self.args[0]) in READ_VERBS else 1
 
     def _fall_back(self) -> None:
         """ECHO may have been refused: wait for a marker every Redis answers, sent behind it."""
@@ -139,7 +155,7 @@ class Barrier:
 
     def flush(self) -> None:
         """The upstream is gone: what was kept back is Redis's, not ours; pass it on."""
-        if self._tail and self.client.transport is not None:
+        if self._tail and self.client.transport is not None and not self.asking_user:
             self.client.transport.write(self._tail)
         self._tail = b""
 
@@ -155,7 +171,30 @@ class Barrier:
             self.client.barrier_done(self._refusal(verdict, probe_reply))
             return
         assert self.args is not None
-        reply = run(self.client.runtime, self.args, resp3=self.client.resp3)
+        if admin_verb(self.args[0]) not in READ_VERBS:
+            self._ask_user()
+            return
+        self._run(self._who())
+
+    def _ask_user(self) -> None:
+        """Before a command that changes something: ask Redis who the user is (for the audit
+        log), behind the same marker; nothing of the client's can come in between (held)."""
+        self.asking_user = True
+        self.client.inject(barrier.WHOAMI + (self.markers.unknown if self.marker_reply is not
+                                             self.markers.echo_reply else self.markers.echo))
+
+    def _user_replies(self, stream: bytes) -> None:
+        if not stream.endswith(self.marker_reply):
+            self._tail = stream  # bounded by the user name's length (Redis's own)
+            return
+        self._tail = b""
+        self.asking_user = False
+        user = barrier.user_of(stream[:-len(self.marker_reply)])
+        self._run(f"{self._who()} user={user}")
+
+    def _run(self, who: str) -> None:
+        assert self.args is not None
+        reply = run(self.client.runtime, self.args, resp3=self.client.resp3, client=who)
         if isinstance(reply, bytes):
             self.client.barrier_done(reply)
         else:
@@ -164,12 +203,16 @@ class Barrier:
     async def _deliver(self, pending: Awaitable[bytes]) -> None:
         self.client.barrier_done(await pending)
 
+    def _who(self) -> str:
+        return describe_client(self.client.transport)
+
     def _refusal(self, verdict: Probe, probe_reply: bytes) -> bytes:
+        refused(self.client.runtime, self.name, self._who(), probe_reply)
         if verdict is Probe.NOAUTH:
-            return probe_reply
+            return probe_reply[:probe_reply.index(b"\r\n") + 2]  # one, if both probes got it
         if verdict is not Probe.NOPERM:
             log.warning("authority probe answered %r; refusing %s", probe_reply[:80], self.name)
-        return barrier.refusal(self.name)
+        return barrier.refusal(self.name, needs_right(self.name))
 
     def cancel(self) -> None:
         if self._task is not None:
@@ -198,23 +241,78 @@ def _c_string(arg: bytes) -> bytes:
     return arg.split(b"\0", 1)[0]
 
 
-def run(runtime: Runtime, args: list[bytes], *, resp3: bool) -> bytes | Coroutine[Any, Any, bytes]:
-    """Run one of our commands (``args[0]`` a name in :data:`HANDLERS`), for either relay.
+def run(runtime: Runtime, args: list[bytes], *, resp3: bool,
+        client: str = "") -> bytes | Coroutine[Any, Any, bytes]:
+    """Run one of our commands (``args[0]`` a name in :data:`HANDLERS`), for either relay, once
+    the client's authority is known; ``client`` says who asked (:func:`describe_client`).
 
     Returns the encoded reply, or a coroutine that gives it: the caller schedules it, keeps the
     task if it may have to cancel it, and sends the reply in the command's place when it ends.
+    Every command is counted by name and result; every one that may change something is logged
+    (the audit line: who, what, each setting's old -> new value, passwords as ``***``, the reply).
     """
     name = args[0].decode("utf-8", "replace").lower()
-    reply = HANDLERS[admin_verb(args[0])](runtime, name, args[1:], resp3)
-    return reply if isinstance(reply, bytes) else _settled(name, reply)
+    verb = admin_verb(args[0])
+    before = runtime.config
+    reply = HANDLERS[verb](runtime, name, args[1:], resp3)
+    if isinstance(reply, bytes):
+        _done(runtime, verb, client, config_changes(before, runtime.config), reply)
+        return reply
+    return _settled(runtime, verb, client, before, reply)
 
 
-async def _settled(name: str, pending: Awaitable[bytes]) -> bytes:
+async def _settled(runtime: Runtime, verb: str, client: str, before: Config, pending: Awaitable[bytes]) -> bytes:
     try:
-        return await pending
+        reply = await pending
     except Exception:  # a bug must cost one reply, not the proxy
-        log.exception("%s failed", name)
-        return replies.error(f"ERR {name} failed: internal error (see the proxy's log)")
+        log.exception("key_evt_amqp.%s failed", verb)
+        reply = replies.error(f"ERR key_evt_amqp.{verb} failed: internal error (see the proxy's log)")
+    # a change is in force once the fleet's settings in Redis hold it (fleet/shared_config.py)
+    _done(runtime, verb, client, config_changes(before, runtime.config), reply)
+    return reply
+
+
+def _done(runtime: Runtime, verb: str, client: str, changes: str, reply: bytes) -> None:
+    failed = reply[:1] == b"-"
+    runtime.metrics.count_admin(verb, "error" if failed else "ok")
+    if verb not in READ_VERBS:
+        outcome = reply[1:].split(b"\r\n", 1)[0].decode("utf-8", "replace")
+        log.info("admin: key_evt_amqp.%s by %s: %s -> %s", verb, client or "?", changes or "no change",
+                 outcome)
+
+
+def needs_right(name: str) -> str:
+    """The Redis command whose right our command ``name`` takes: ``INFO`` or ``CONFIG SET``."""
+    return "INFO or CONFIG SET" if name.rpartition(".")[2] in READ_VERBS else "CONFIG SET"
+
+
+def refused(runtime: Runtime, name: str, client: str, probe_reply: bytes) -> None:
+    """One of our commands was refused for want of authority: counted, and logged (rate-limited:
+    a client can retry in a loop)."""
+    verb = name[len("key_evt_amqp."):] if name.startswith("key_evt_amqp.") else name
+    runtime.metrics.count_admin(verb if verb in HANDLERS else "unknown", "refused")
+    _refusals.warn("refused", "admin: %s by %s refused: %s", name, client or "?",
+                   probe_reply[:80].strip().decode("utf-8", "replace"))
+
+
+def config_changes(before: Config, after: Config) -> str:
+    """``"routing_key 'a' -> 'b', amqp_password *** -> ***"``: each setting that differs, its
+    values as :meth:`Config.masked` shows them (passwords never shown); ``""`` when none."""
+    if before == after:
+        return ""
+    old, new = before.masked(), after.masked()
+    return ", ".join(
+        f"{name} {old[name]!r} -> {new[name]!r}" if old[name] != new[name] else f"{name} *** -> ***"
+        for name in old if getattr(before, name) != getattr(after, name))
+
+
+def describe_client(transport: asyncio.BaseTransport | None) -> str:
+    """``127.0.0.1:51234`` (``[::1]:51234``, ``unix``): the client as the audit log names it."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unix" if peer is not None else "?"
 
 
 def _arity(name: str) -> bytes:

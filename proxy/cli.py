@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy import settings, workers
+from proxy.tail import add_arguments as tail_arguments
 
 
 def version() -> str:
@@ -38,6 +39,15 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         epilog=settings.HELP_EPILOG,
     )
     settings.add_arguments(serve)
+    tail = commands.add_parser(
+        "tail",
+        help="print the events as they reach the broker",
+        description="Bind an exclusive, auto-delete queue to the configured exchange and routing key "
+        "and print one line per event (the connection flags, environment and config file are serve's).",
+        epilog=settings.HELP_EPILOG,
+    )
+    settings.add_arguments(tail)
+    tail_arguments(tail)
     return parser, serve
 
 
@@ -51,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve.error("unrecognized arguments: " + " ".join(unknown))
     except SystemExit as exc:  # argparse after --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
-    # Only one command so far: argv[0] is "serve", the rest are its flags.
+    if argv[0] == "tail":
+        from proxy.tail import main as tail
+
+        return tail(argv[1:], os.environ)
+    # argv[0] is "serve", the rest are its flags.
     try:
         config = settings.load(argv[1:], os.environ)
     except settings.ConfigError as exc:
@@ -63,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if config.workers == 1:
         return run(config)
-    from proxy.server import configure_logging
+    from proxy import logs
 
     try:
         workers.check_port(config.listen_host, config.listen_port)
@@ -71,5 +85,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"key-evt-amqp: cannot listen on {config.listen_host}:{config.listen_port}: "
               f"{exc.strerror}", file=sys.stderr)
         return 1
-    configure_logging(config, "supervisor")
+    logs.setup(config.log_level, config.log_format, tag="supervisor")
     return workers.Supervisor(config, run).run()

@@ -158,6 +158,10 @@ class Config:
     workers: int = 1
 
     log_level: str = "INFO"
+    log_format: str = "text"  # text or json (one object per line)
+    #: where /metrics, /healthz and /readyz are served; port 0: off
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     #: Where each start value came from ((field, "file" | "env" | "flag"), ...; a field not
     #: named is a default), set by :func:`proxy.settings.load`: not a setting, never compared.

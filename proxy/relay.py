@@ -51,6 +51,7 @@ from protocol.framing import SMALL_DIGITS, Tail, digits, judge_tail
 from protocol.requests import KEEP_ALL, KeptTooLong
 from proxy import admin
 from proxy.connect import open_redis, tls_reason
+from proxy.offline import OfflineConnection, is_local
 from proxy.ratelog import RateLimitedLog
 from proxy.upstream import UpstreamConnection
 
@@ -142,6 +143,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server_state: ServerState, runtime: Runtime) -> None:
         self.server_state = server_state
         self.runtime = runtime  # for our own commands (:mod:`proxy.admin`)
+        self._metrics = server_state.metrics  # bytes each way, commands: counted per read
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.mode = Mode.FAST
@@ -172,6 +174,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.server_state.admit(self):
             self._fail("ERR max number of clients reached")
             return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected", stream.get_extra_info("peername"))
         self._pause(Pause.CONNECTING)
         self.server_state.spawn(self._connect_upstream())
 
@@ -186,7 +190,13 @@ class ClientConnection(asyncio.Protocol):
             # One line per interval, not one per client: clients reconnect in tight loops.
             _quiet_log.warn("unreachable", "cannot reach Redis at %s: %s", address.name, reason)
             # Closed without a reply, as if Redis had refused the connection: clients retry on
-            # a lost connection, not on an error reply.
+            # a lost connection, not on an error reply. A client on this machine may still read
+            # key_evt_amqp.info first (proxy/offline.py).
+            if self.transport is not None and self.mode is not Mode.CLOSING and is_local(self.transport):
+                held, self._held = self._held, []
+                self._held_bytes = 0
+                OfflineConnection(self, self.runtime, self.transport).start(held)
+                return
             self._fail(None)
             return
         if self.mode is Mode.CLOSING:
@@ -199,6 +209,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode = Mode.CLOSING
         self.server_state.forget(self)
+        if log.isEnabledFor(logging.DEBUG) and self.transport is not None:
+            log.debug("client %s disconnected", self.transport.get_extra_info("peername"))
         self._cancel_timer()
         if self.barrier is not None:
             self.barrier.cancel()
@@ -318,6 +330,7 @@ class ClientConnection(asyncio.Protocol):
         while self._held and not self._pauses and self.mode is not Mode.CLOSING:
             data = self._held.pop(0)
             self._held_bytes -= len(data)
+            self._metrics.client_bytes_in -= len(data)  # counted when it was read
             self.data_received(data)
         transport = self.transport
         if (
@@ -347,6 +360,7 @@ class ClientConnection(asyncio.Protocol):
     # -- client -> Redis -----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self._metrics.client_bytes_in += len(data)  # read again from _continue: subtracted there
         if len(data) > READ_BUDGET and not self._pauses and (self.mode is _FAST or self.mode is Mode.EXACT):
             self._over_budget(data)
             return
@@ -393,6 +407,7 @@ class ClientConnection(asyncio.Protocol):
             commands.pop()
             self._corked(self._to_exact, data, commands)
             return
+        self._metrics.commands_relayed += len(commands)
         pending = self._pending + len(data) - size
         if not noticed and not self._carry and (
             pending == 0
@@ -433,6 +448,7 @@ class ClientConnection(asyncio.Protocol):
         behind this one (it can come from _continue): the rest goes before them, right after
         what the first part itself held back (that is put at the front)."""
         waiting = len(self._held)
+        self._metrics.client_bytes_in -= READ_BUDGET  # counted when it was read
         self.data_received(data[:READ_BUDGET])
         if self.mode is Mode.CLOSING or self.mode is Mode.DONE:
             return
@@ -752,6 +768,7 @@ class ClientConnection(asyncio.Protocol):
     # -- Redis -> client -----------------------------------------------------------------------
 
     def reply_data(self, data: bytes) -> None:
+        self._metrics.client_bytes_out += len(data)
         if self.barrier is None:
             self.transport.write(data)  # type: ignore[union-attr]  # hot path: no reply can come before the transport is set
         else:

@@ -20,6 +20,7 @@ from protocol import replies
 from proxy.config import Config
 from proxy.errors import CommandError, ConfigError
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
 from proxy.state import ServerState
 from proxy.workers import Worker
 
@@ -56,6 +57,9 @@ class Events(Protocol):
     def info(self) -> dict[str, object]:
         """The pipeline's fields of ``key_evt_amqp.info``, in order."""
 
+    def health(self) -> dict[str, object]:
+        """``redis``, ``broker``, ``fallback``: whether each works now (and their states)."""
+
 
 class Settings(Protocol):
     """Where commands change the settings: for every instance of the fleet
@@ -89,6 +93,11 @@ class Runtime:
         self.settings = settings
         self.worker = worker  # None: the single process
         self.started = time.time()
+
+    @property
+    def metrics(self) -> Metrics:
+        """The proxy's counters (:mod:`proxy.metrics`)."""
+        return self.server_state.metrics
 
     @property
     def config(self) -> Config:
@@ -155,9 +164,15 @@ class Runtime:
             "worker": self.worker.index if self.worker is not None else 0,
             "worker_pid": os.getpid(),
             "connected_clients": len(clients.clients),
-            "total_connections_received": clients.accepted,
-            "rejected_connections": clients.rejected,
+            "total_connections_received": clients.metrics.clients_accepted,
+            "rejected_connections": clients.metrics.clients_rejected,
         }
         values.update(self.events.info())
         values.update(self.settings.info())
         return values
+
+    def health(self) -> dict[str, object]:
+        """``/readyz``: ready when Redis is reachable and events can go to the broker or the
+        fallback list; the body says which part is not."""
+        parts = self.events.health()
+        return {"ready": bool(parts["redis"] and (parts["broker"] or parts["fallback"])), **parts}

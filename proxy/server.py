@@ -23,7 +23,10 @@ from proxy.connect import open_redis_streams, server_tls_context, tls_reason
 from proxy.events.service import EventService
 from proxy.fleet.shared_config import SharedConfig, locator
 from proxy.listen import Listener, open_listener
+from proxy import logs
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
+from proxy.monitor import Monitor
 from proxy.relay import ClientConnection
 from proxy.runtime import Runtime
 from proxy.sentinel import SentinelWatch
@@ -158,23 +161,29 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
             await watch.stop()
         return 1
     live = LiveConfig(config)
+    metrics = Metrics()
     topology = await _cluster_topology(config)
     shared = SharedConfig(live, *locator(config.upstream, topology))
     await shared.load()  # the fleet's settings, before anything reads the live configuration
     config = live.current
-    events = EventService(live, topology, watch)
-    state = ServerState(config)
+    events = EventService(live, topology, watch, metrics)
+    state = ServerState(config, metrics)
     runtime = Runtime(live, events, state, shared, worker)
     server = Server(state, runtime, topology)
+    monitor = Monitor(metrics, runtime.info, runtime.health)
     if watch is not None:  # after the event service's own listener: the subscription moves first
         watch.listeners.append(lambda old, new, since_ms: server.close_clients())
+    where = f"unix:{config.listen_unix}" if config.listen_unix else f"{config.listen_host}:{config.listen_port}"
+    # With --workers, worker k serves its own metrics on the port + k - 1 (each its own counters).
+    metrics_port = config.metrics_port + (worker.index - 1 if worker is not None and config.metrics_port else 0)
     try:
         await server.start(config, reuse_port=worker is not None)
+        if metrics_port:
+            where = f"{config.metrics_host}:{metrics_port} (--metrics-listen)"
+            await monitor.start(config.metrics_host, metrics_port)
     except OSError as exc:
         await shared.stop()
-        if topology is not None:
-            topology.close()
-        where = f"unix:{config.listen_unix}" if config.listen_unix else f"{config.listen_host}:{config.listen_port}"
+        await server.shutdown(0)  # closes the listener (if open) and the topology
         print(f"key-evt-amqp: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
         return 1
     await shared.start(events.set_enabled)
@@ -186,10 +195,16 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
         [m.decode("utf-8", "replace") for m in config.keymasks] or "(none: nothing forwarded)",
         config.amqp_masked_url(), config.exchange, config.routing_key,
     )
+    if monitor.address:
+        log.info("metrics on http://%s/metrics (and /healthz, /readyz)", monitor.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # No reload: most settings are fixed at start, the others are changed by our commands, and a
+    # file read again would silently undo those. SIGHUP must not stop the proxy either.
+    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: the configuration is not reloaded "
+                            "(restart the proxy, or change it with the key_evt_amqp.* commands)")
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -197,6 +212,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
              config.shutdown_timeout)
     await server.shutdown(config.shutdown_timeout)
     await shared.stop()
+    await monitor.close()
     await events.stop()
     if watch is not None:
         await watch.stop()
@@ -222,21 +238,9 @@ def _return_freed_memory() -> None:
         pass
 
 
-def configure_logging(config: Config, tag: str = "") -> None:
-    """Log to stderr at the configured level; ``tag`` (``worker 2``, ``supervisor``) goes on
-    every line, with the pid, so the lines of several processes can be told apart."""
-    where = f" [{tag}, pid %(process)d]" if tag else ""
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s",
-        stream=sys.stderr,
-        force=True,  # a worker replaces the supervisor's set-up it inherited
-    )
-
-
 def run(config: Config, worker: Worker | None = None) -> int:
     """Run the proxy until SIGTERM or SIGINT, alone or as ``worker`` of a
     :class:`~proxy.workers.Supervisor`; returns the process exit code."""
     _return_freed_memory()
-    configure_logging(config, f"worker {worker.index}" if worker is not None else "")
+    logs.setup(config.log_level, config.log_format, tag=f"worker {worker.index}" if worker is not None else "")
     return uvloop.run(serve(config, worker=worker))

@@ -4,9 +4,11 @@ Sources, lowest priority first; each setting is taken whole from the highest sou
 
 1. the defaults in :class:`~proxy.config.Config`;
 2. the TOML file named by ``--config`` (or ``KEY_EVT_AMQP_CONFIG``), keys = long flag names with
-   underscores (``routing_key = "rk"``, ``keymask = ["^user:", "^order:"]``);
+   underscores or dashes (``routing_key = "rk"``, ``delivery-mode = 2``, ``keymask = ["^user:",
+   "^order:"]``); an unknown key is an error;
 3. environment variables ``KEY_EVT_AMQP_<FLAG>`` (``KEY_EVT_AMQP_ROUTING_KEY``); the key masks in
-   ``KEY_EVT_AMQP_KEYMASK`` are comma-separated, and an empty value means no mask;
+   ``KEY_EVT_AMQP_KEYMASK`` are comma-separated, and an empty value means no mask; an unknown
+   ``KEY_EVT_AMQP_*`` variable is an error naming it;
 4. command-line flags;
 5. last, the module's positional list from ``--module-args`` (from whichever source gave it): a
    migrated ``loadmodule`` line keeps meaning what it meant, so its positions override the same
@@ -29,7 +31,6 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import SplitResult, unquote, urlsplit
 
 from protocol.events import CLASS_LETTERS, parse_classes
 from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
@@ -135,6 +136,22 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return text
+
+
+def _metrics_listen(text: str) -> dict[str, object]:
+    """``HOST:PORT`` or ``PORT`` (on 127.0.0.1: secure by default); ``""`` or ``off``: off."""
+    if text in ("", "off"):
+        return {"metrics_port": 0}
+    if text.isdigit():
+        return {"metrics_host": "127.0.0.1", "metrics_port": _port(text)}
+    address = _listen(text)
+    return {"metrics_host": address["listen_host"], "metrics_port": address["listen_port"]}
+
+
 def _key_bytes(text: str) -> bytes:
     # surrogateescape: argv and environ bytes that are not UTF-8 come back exactly as given.
     return text.encode("utf-8", "surrogateescape")
@@ -157,24 +174,6 @@ def _listen(text: str) -> dict[str, object]:
     if not sep or not host:
         raise ValueError("expected HOST:PORT")
     return {"listen_host": _host(host), "listen_port": _port(port)}
-
-
-def _url(text: str, scheme: str, form: str) -> SplitResult:
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        raise ValueError(f"expected {form}") from None
-    if parts.scheme != scheme:
-        raise ValueError(f"expected {form} (TLS and unix sockets are not supported)")
-    if parts.query or parts.fragment or not parts.hostname:
-        raise ValueError(f"expected {form}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ValueError("expected a port from 1 to 65535")
-    return parts
 
 
 def _upstream(text: str) -> dict[str, object]:
@@ -433,6 +432,11 @@ _OPTIONS = {
                 _field("workers", _workers), _shown("workers")),
         _Option("log-level", "LEVEL", "one of " + ", ".join(_LOG_LEVELS),
                 _field("log_level", _log_level), _shown("log_level")),
+        _Option("log-format", "text|json", "text lines, or one JSON object per line",
+                _field("log_format", _log_format), _shown("log_format")),
+        _Option("metrics-listen", "[HOST:]PORT", "serve /metrics, /healthz and /readyz over HTTP "
+                "(a port alone: on 127.0.0.1)", _metrics_listen,
+                lambda c: f"{c.metrics_host}:{c.metrics_port}" if c.metrics_port else "off"),
     )
 }
 
@@ -501,6 +505,11 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, _Entry]:
+    known = {ENV_PREFIX + name.upper() for name in _OPTIONS}
+    unknown = sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known)
+    if unknown:  # a typo must not silently leave a setting at its default
+        raise ConfigError(f"unknown environment variable {unknown[0]} (settings are {ENV_PREFIX}<FLAG>, "
+                          f"e.g. {ENV_PREFIX}ROUTING_KEY)")
     entries: dict[str, _Entry] = {}
     for name in _OPTIONS:
         variable = ENV_PREFIX + name.upper()
@@ -520,9 +529,12 @@ def _from_file(path: str) -> dict[str, _Entry]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid config file {path!r}: {exc}") from None
     entries: dict[str, _Entry] = {}
-    for key, value in data.items():
+    for given, value in data.items():
+        key = given.replace("-", "_")  # delivery-mode and delivery_mode alike
         if key not in _OPTIONS or key == "config":
-            raise ConfigError(f"{path}: unknown setting {key!r}")
+            raise ConfigError(f"{path}: unknown setting {given!r}")
+        if key in entries:
+            raise ConfigError(f"{path}: {given!r} given twice (- and _ name the same setting)")
         label = (f"{path}: ", key)
         if key in (*_REPEATED, "module_args") and isinstance(value, list):
             if not all(isinstance(item, str) for item in value):

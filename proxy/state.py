@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from proxy.config import Config
+from proxy.metrics import Metrics
 
 __all__ = ["Client", "ServerState"]
 
@@ -32,22 +33,22 @@ class Client(Protocol):
 class ServerState:
     """The clients, their counters, the tasks kept alive, and the settings every connection reads."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.upstream = config.upstream  # the Redis (or the cluster's seed) behind the proxy
         self.connect_timeout = config.connect_timeout
         #: bytes buffered per direction before the peer is paused (a security limit, per client)
         self.buffer_limit = config.client_buffer_limit
         self.max_clients = config.max_clients
         self.clients: set[Client] = set()
-        self.accepted = 0  # every connection, admitted or not
-        self.rejected = 0  # refused: max_clients were connected
+        #: the proxy's counters (clients accepted and rejected here; bytes and commands by the relays)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def admit(self, client: Client) -> bool:
         """Count a new connection; False when ``max_clients`` are connected (refuse it)."""
-        self.accepted += 1
+        self.metrics.clients_accepted += 1
         if len(self.clients) >= self.max_clients:
-            self.rejected += 1
+            self.metrics.clients_rejected += 1
             return False
         self.clients.add(client)
         return True

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from proxy.config import Config
+from proxy.metrics import Metrics
 
 
 class FakeTransport:
@@ -38,6 +39,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
     def close(self) -> None:
         self.closed = True
 
@@ -48,6 +52,7 @@ class FakeServer:
     def __init__(self, buffer_limit: int = 1 << 20) -> None:
         self.buffer_limit = buffer_limit
         self.runtime = SimpleNamespace(config=Config())
+        self.metrics = Metrics()
 
     def admit(self, client: object) -> bool:
         return True

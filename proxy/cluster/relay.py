@@ -142,6 +142,7 @@ class ClusterClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.server_state.metrics.client_bytes_in += len(data)
         if self._inline is not None or (not self._seen_input and data[:1] != b"*"):
             self._inline_received(data)
             return
@@ -159,7 +160,7 @@ class ClusterClientConnection(asyncio.Protocol):
         except hiredis.ProtocolError:
             self._order_local(replies.error("ERR Protocol error: invalid multibulk request")).close_after = True
         if reader.len() > MAX_COMMAND_BYTES:
-            log.info("client command above %d bytes: closed", MAX_COMMAND_BYTES)
+            log.debug("client command above %d bytes: closed", MAX_COMMAND_BYTES)
             self._close_with(f"ERR key-evt-amqp: command larger than {MAX_COMMAND_BYTES} bytes")
             return
         self.flush()
@@ -179,6 +180,7 @@ class ClusterClientConnection(asyncio.Protocol):
 
     def command(self, args: list[bytes]) -> None:
         """Route one client command (``args[0]`` its name, as sent)."""
+        self.server_state.metrics.commands_relayed += 1
         if self.streaming is not None:
             self.streaming.write(encode_command(*args))  # subscribed: a plain pipe to that node
             return
@@ -236,7 +238,9 @@ class ClusterClientConnection(asyncio.Protocol):
                 break
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(b"".join(out))
+            data = b"".join(out)
+            self.server_state.metrics.client_bytes_out += len(data)
+            transport.write(data)
         if close or (self._shutting and not order):
             self._close_with(None)
         elif not self._reading and len(order) <= MAX_ORDER // 2:
@@ -363,7 +367,7 @@ class ClusterClientConnection(asyncio.Protocol):
         # It may have died full (no resume_writing comes after connection_lost): forget that.
         self._full_links.discard(link)
         self._set_reading()
-        log.info("node %s: %s", link.name, reason)
+        log.debug("node %s: %s", link.name, reason)
         self.topology.refresh_soon()
         error = replies.error(f"ERR key-evt-amqp: lost the connection to Redis node {link.name} ({reason})")
         inflight, link.inflight = link.inflight, deque()
@@ -427,7 +431,7 @@ class ClusterClientConnection(asyncio.Protocol):
         -EXECABORT) and only its MULTI is kept."""
         size = len(sent.data)
         if self.tx_held and self.tx_held_bytes + size > self.server_state.buffer_limit:
-            log.info("transaction above %d bytes before its first key: aborted", self.server_state.buffer_limit)
+            log.debug("transaction above %d bytes before its first key: aborted", self.server_state.buffer_limit)
             del self.tx_held[1:]
             self.tx_held_bytes = len(self.tx_held[0].data)
             self.tx_aborted = True

@@ -318,21 +318,35 @@ def _admin(c: Client, args: list[bytes]) -> None:
         place.reply = replies.error(f"ERR {label} is not allowed inside MULTI (the transaction is aborted)")
         return
 
+    reads = admin_verb(args[0]) in admin.READ_VERBS
+    who = [admin.describe_client(c.transport)]
+    read_probe = [b""]
+
+    def named(frame: Frame) -> None:  # ACL WHOAMI, for the audit log
+        who.append("user=" + barrier.user_of(frame.raw))
+
+    def read_probed(frame: Frame) -> None:
+        read_probe[0] = frame.raw
+
     def probed(frame: Frame) -> None:
-        raw = frame.raw
+        raw = read_probe[0] + frame.raw
         verdict = barrier.judge_probe(raw)
         if verdict is not Probe.ALLOWED:
-            # NOAUTH, or the lost link's error: as it is; anything else: CONFIG SET was not tried.
+            # NOAUTH, or the lost link's error: as it is; anything else: the probe was not tried.
             passed = verdict is Probe.NOAUTH or verdict is Probe.PROXY_ERROR
-            place.reply = raw if passed else barrier.refusal(label)
+            place.reply = frame.raw if passed else barrier.refusal(label, admin.needs_right(label))
+            admin.refused(c.runtime, label, who[0], raw)
             return
-        result = admin.run(c.runtime, args, resp3=c.resp3)
+        result = admin.run(c.runtime, args, resp3=c.resp3, client=" ".join(who))
         if isinstance(result, bytes):
             place.reply = result
         else:
             c.server_state.spawn(_deliver(c, place, result))
 
-    c.link(c.home()).send(Sent(barrier.PROBE, None, callback=probed))
+    home = c.link(c.home())
+    home.send(Sent(barrier.READ_PROBE, None, callback=read_probed) if reads else
+              Sent(barrier.WHOAMI, None, callback=named))
+    home.send(Sent(barrier.PROBE, None, callback=probed))
 
 
 async def _deliver(c: Client, place: Place, pending: Awaitable[bytes]) -> None:

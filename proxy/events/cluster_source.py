@@ -38,7 +38,7 @@ from proxy.live import LiveConfig
 
 __all__ = ["ClusterSources", "shard_label"]
 
-log = logging.getLogger("proxy.events.cluster")
+log = logging.getLogger("key_evt_amqp.events.cluster")
 
 FAST_POLL = 0.2  # seconds between map refreshes while a shard is not covered
 SLOW_POLL = 1.0  # seconds between map refreshes otherwise

@@ -15,7 +15,7 @@ list's length is checked against what we know we left there before anything else
 
 - the whole list is gone (length 0): the in-memory copy of its tail (:data:`MIRROR_LIMIT` newest
   events, see :class:`FallbackList`) is written back where it belongs, and whatever was older than
-  that copy is *lost*: counted (:attr:`FallbackList.lost`) and replaced by a gap marker built by
+  that copy is *lost*: counted (``metrics.fallback_lost``) and replaced by a gap marker built by
   ``on_lost(count, start_ms, end_ms)``, written in front of what is restored;
 - part of it is gone (someone else popped or trimmed it): we cannot tell which elements, so the
   difference is counted as lost, a marker is written at the head, and the copy is dropped;
@@ -38,10 +38,11 @@ from proxy.events.errors import LinkError
 from proxy.events.fencing import fenced
 from proxy.events.message import Event, dump_entry, load_entry
 from proxy.events.redis_link import LocatedLink
+from proxy.metrics import Metrics
 
 __all__ = ["FallbackList"]
 
-log = logging.getLogger("proxy.events.fallback")
+log = logging.getLogger("key_evt_amqp.events.fallback")
 
 PUSH_CHUNK = 1000  # elements per RPUSH/LPUSH command
 OP_TIMEOUT = 10.0  # seconds for one round trip before the link counts as dead
@@ -63,7 +64,8 @@ class FallbackList:
     def __init__(self, address: RedisAddress, key: bytes, connect_timeout: float,
                  locate: Callable[[], RedisAddress] | None = None,
                  on_moved: Callable[[str], None] | None = None,
-                 on_lost: Callable[[int, int, int], Event | None] | None = None) -> None:
+                 on_lost: Callable[[int, int, int], Event | None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.key = key
         self.connect_timeout = connect_timeout
         #: cluster mode: where the key's slot lives now (asked before each operation), and who
@@ -82,8 +84,9 @@ class FallbackList:
         self.length = 0  # as of the last operation
         self.cap = 0  # as of the last push (restoring keeps within it)
         self.mirror_reads = 0
-        self.lost = 0  # elements that vanished and could not be written back
-        self.restored = 0  # events written back after they vanished
+        #: counts ``fallback_lost`` (elements that vanished and could not be written back) and
+        #: ``fallback_restored`` (events written back after they vanished)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.epoch = 0  # +1 whenever the list changed under us
         self._head_ms: int | None = None  # timestamp of the oldest element, when known
         self._repair: tuple[bool, list[Event], int] | None = None  # (at the front?, events, restored)
@@ -164,7 +167,7 @@ class FallbackList:
             self.on_reset()
         marker = None
         if lost:
-            self.lost += lost
+            self.metrics.fallback_lost += lost
             end = kept[0].timestamp_ms if kept else int(time.time() * 1000)
             marker = self.on_lost(lost, start, max(start, end)) if self.on_lost is not None else None
         log.log(logging.ERROR if lost else logging.WARNING,
@@ -188,7 +191,7 @@ class FallbackList:
         replies = await self._checked(
             [(verb, self.key, *entries[i:i + PUSH_CHUNK]) for i in range(0, len(entries), PUSH_CHUNK)])
         self._repair = None
-        self.restored += restored
+        self.metrics.fallback_restored += restored
         length = replies[-1]
         expected = before + len(events)
         if length == expected:

@@ -17,7 +17,7 @@ from protocol.events import notify_flags_update
 
 __all__ = ["Run", "ensure_notify_flags"]
 
-log = logging.getLogger("proxy.events")
+log = logging.getLogger("key_evt_amqp.events")
 
 #: Sends commands in one write and returns their replies; raises LinkError when the link fails.
 Run = Callable[[Sequence[Sequence[bytes | str | int]]], Awaitable[list[Any]]]

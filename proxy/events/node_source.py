@@ -34,7 +34,7 @@ from proxy.events.stream import MARKER_CHANNEL, MARKER_DB
 
 __all__ = ["NodeSource", "node_name"]
 
-log = logging.getLogger("proxy.events.cluster")
+log = logging.getLogger("key_evt_amqp.events.cluster")
 
 _Push = hiredis.PushNotification
 IDLE_PROBE = 1.0  # seconds between ROLE probes on an idle subscription

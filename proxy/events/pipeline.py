@@ -39,11 +39,12 @@ from proxy.events.fallback import FallbackList
 from proxy.events.message import Event
 from proxy.events.publisher import AmqpPublisher, BrokerState, InFlight
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
 from proxy.ratelog import RateLimitedLog
 
 __all__ = ["Mode", "Pipeline"]
 
-log = logging.getLogger("proxy.events.pipeline")
+log = logging.getLogger("key_evt_amqp.events.pipeline")
 
 SPILL_LIMIT = 200_000  # events waiting to be written to the list
 SPILL_CHUNK = 5000  # events per list write
@@ -93,8 +94,10 @@ def now_ms() -> int:
 class Pipeline:
     """Accepts events (:meth:`accept`, never blocks) and delivers them; run :meth:`start` first."""
 
-    def __init__(self, live: LiveConfig, publisher: AmqpPublisher, fallback: FallbackList) -> None:
+    def __init__(self, live: LiveConfig, publisher: AmqpPublisher, fallback: FallbackList,
+                 metrics: Metrics | None = None) -> None:
         self.live = live
+        self.metrics = metrics if metrics is not None else Metrics()
         self.publisher = publisher
         self.fallback = fallback
         self.mode = Mode.SPILLING  # until the pump has seen the list empty
@@ -108,10 +111,6 @@ class Pipeline:
         self.last_error = ""
         self.last_error_ms = 0  # when it last happened (Unix ms)
         self.last_error_current = False  # until the fallback list answers again
-        self.stats = dict.fromkeys((
-            "accepted", "published_direct", "confirmed_direct", "to_fallback", "replayed",
-            "replay_failures", "dropped_cap", "dropped_off", "dropped_overflow", "skipped_entries",
-        ), 0)
         self._rlog = RateLimitedLog(log)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -119,20 +118,20 @@ class Pipeline:
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
         self.seq = 0  # events accepted so far (each event keeps its number: see safe_seq)
+        self._replay_run: tuple[float, int] | None = None  # since when (monotonic), events_replayed then
         fallback.on_reset = self._list_reset
 
     # ---- hot path ---------------------------------------------------------------------------
 
     def accept(self, event: Event) -> None:
         """Take one event from the source; never blocks, never raises."""
-        self.stats["accepted"] += 1
         self.seq = event.seq = self.seq + 1
         mode = self.mode
         if mode is Mode.DIRECT:
             if self.publisher.room():
                 self.publisher.publish(event)
                 self.direct_in_flight += 1
-                self.stats["published_direct"] += 1
+                self.metrics.published_direct += 1
                 return
             self._start_spilling()
         elif mode is Mode.HOLDING:
@@ -145,11 +144,11 @@ class Pipeline:
 
     def _spill(self, event: Event) -> None:
         if self.live.current.fallback_size < 0:
-            self.stats["dropped_off"] += 1
+            self.metrics.dropped_fallback_off += 1
             self._rlog.warn("off", "event dropped: the broker cannot take it and the fallback is off")
             return
         if len(self.spill) >= SPILL_LIMIT:
-            self.stats["dropped_overflow"] += 1
+            self.metrics.dropped_overflow += 1
             self._rlog.warn("overflow", "event dropped: %d events already wait for the fallback list "
                             "(is Redis refusing writes?)", SPILL_LIMIT)
             return
@@ -192,7 +191,7 @@ class Pipeline:
         for event, batch, index in confirmed:
             if batch is None:
                 self.direct_in_flight -= 1
-                self.stats["confirmed_direct"] += 1
+                self.metrics.confirmed_direct += 1
                 # the replayer (or the way back to DIRECT) waits for the last direct confirm
                 wake = wake or (self.direct_in_flight == 0 and self.mode is Mode.SPILLING)
             elif batch.abandoned:
@@ -205,7 +204,7 @@ class Pipeline:
             if batch is None:
                 self.direct_in_flight -= 1
                 if self.live.current.fallback_size < 0:
-                    self.stats["dropped_off"] += 1
+                    self.metrics.dropped_fallback_off += 1
                     self._rlog.warn("off", "event dropped: the broker refused it and the fallback is off")
                 else:
                     self.failed_direct.append(event)
@@ -300,18 +299,18 @@ class Pipeline:
         if self.failed_direct and self.direct_in_flight == 0:
             events = self.failed_direct
             if cap < 0:
-                self.stats["dropped_off"] += len(events)
+                self.metrics.dropped_fallback_off += len(events)
             else:
                 self._trimmed(await self.fallback.push(events, cap, front=True))
-                self.stats["to_fallback"] += len(events)
+                self.metrics.events_to_fallback += len(events)
             self.failed_direct = []
         while self.spill:
             chunk = list(islice(self.spill, SPILL_CHUNK))
             if cap < 0:
-                self.stats["dropped_off"] += len(chunk)
+                self.metrics.dropped_fallback_off += len(chunk)
             else:
                 self._trimmed(await self.fallback.push(chunk, cap))
-                self.stats["to_fallback"] += len(chunk)
+                self.metrics.events_to_fallback += len(chunk)
             for _ in range(len(chunk)):
                 self.spill.popleft()
 
@@ -319,7 +318,7 @@ class Pipeline:
         """The cap removed ``count`` elements from the head: account them to the batches reading there."""
         if not count:
             return
-        self.stats["dropped_cap"] += count
+        self.metrics.dropped_fallback_full += count
         self._rlog.warn("cap", "fallback list full (%d): dropped the %d oldest event(s)",
                         self.live.current.fallback_size, count)
         for batch in self.batches:
@@ -335,11 +334,11 @@ class Pipeline:
             batch = self.batches.popleft()
             if not batch.failed:
                 await self.fallback.remove(batch.n - batch.trimmed)
-                self.stats["replayed"] += batch.published
+                self.metrics.events_replayed += batch.published
                 self._retry_delay = RETRY_MIN
                 continue
             await self.fallback.remove(batch.confirmed_prefix() - batch.trimmed)
-            self.stats["replay_failures"] += 1
+            self.metrics.replay_failures += 1
             for other in (batch, *self.batches):
                 other.abandoned = True
                 self.abandoned_outstanding += other.outstanding
@@ -384,10 +383,13 @@ class Pipeline:
                 return
 
     def _publish_batch(self, entries: list[Event | None]) -> None:
+        if self._replay_run is None:
+            self._replay_run = (time.monotonic(), self.metrics.events_replayed)
+            log.info("replaying the fallback list (%d events)", self.fallback.length)
         batch = ReplayBatch(len(entries))
         for index, event in enumerate(entries):
             if event is None:
-                self.stats["skipped_entries"] += 1
+                self.metrics.fallback_skipped_entries += 1
                 self._rlog.warn("skip", "a fallback list element is not an event: skipped")
                 continue
             batch.ok[index] = False
@@ -412,7 +414,16 @@ class Pipeline:
             self._start_spilling(connect=False)
         self._wake.set()
 
+    def _replay_done(self) -> None:
+        """The list is empty: the replay (if one ran) is over."""
+        if self._replay_run is not None:
+            started, before = self._replay_run
+            self._replay_run = None
+            log.info("replayed %d events in %.1f s", self.metrics.events_replayed - before,
+                     time.monotonic() - started)
+
     def _list_empty(self) -> None:
+        self._replay_done()
         self.list_known_empty = True
         self.mode = Mode.HOLDING
         self._try_direct()
@@ -429,8 +440,9 @@ class Pipeline:
         for event in hold:
             publisher.publish(event)
         self.direct_in_flight += len(hold)
-        self.stats["published_direct"] += len(hold)
+        self.metrics.published_direct += len(hold)
         self.mode = Mode.DIRECT
+        self._replay_done()
 
     # ---- shutdown ---------------------------------------------------------------------------
 

@@ -42,11 +42,12 @@ from proxy.events.amqp_wire import CHANNEL, ConfirmLink, LinkListener, open_link
 from proxy.events.errors import BrokerError
 from proxy.events.message import Event, FrameEncoder
 from proxy.live import LiveConfig
+from proxy.metrics import Metrics
 from proxy.ratelog import RateLimitedLog
 
 __all__ = ["AmqpPublisher", "BrokerState", "InFlight"]
 
-log = logging.getLogger("proxy.events.publisher")
+log = logging.getLogger("key_evt_amqp.events.publisher")
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024  # bytes queued in the socket before publishing pauses
 RECONNECT_MIN = 0.25
@@ -95,19 +96,14 @@ _CODE_WEIGHT = {BrokerError.LOGIN_REFUSED: 3, BrokerError.CHANNEL_FAILED: 2, Bro
 class AmqpPublisher:
     """Connects (lazily, or on :meth:`connect_now`), publishes, tracks confirms, reconnects."""
 
-    def __init__(self, live: LiveConfig, sink: Sink) -> None:
+    def __init__(self, live: LiveConfig, sink: Sink, metrics: Metrics | None = None) -> None:
         self.live = live
+        self.metrics = metrics if metrics is not None else Metrics()
         self.sink = sink
         self.state = BrokerState.IDLE
         self.last_error = ""
         self.last_error_ms = 0  # when it last happened (Unix ms)
         self.last_error_current = False  # until a connection opens or a message is confirmed
-        self.published = 0
-        self.confirmed = 0
-        self.nacked = 0
-        self.returned = 0
-        self.timeouts = 0
-        self.connections = 0
         self.node = ""  # host:port of the node connected to; "" when none
         self.cluster_name = ""  # the broker's cluster name, from the last connection
         self._last_node: tuple[str, int] | None = None
@@ -171,7 +167,7 @@ class AmqpPublisher:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(encoder.encode(event))
         self._pending.append((event, batch, index, self._now()))
-        self.published += 1
+        self.metrics.events_published += 1
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -215,21 +211,23 @@ class AmqpPublisher:
         pending = self._pending
         returned = self._returned_ids
         early = self._early
+        metrics = self.metrics
         while pending and (self._first_tag <= tag or self._first_tag in early):
             was_nacked = early.pop(self._first_tag, nack) if self._first_tag <= tag else early.pop(self._first_tag)
             event, batch, index, _ = pending.popleft()
             self._first_tag += 1
             if was_nacked:
-                self.nacked += 1
+                metrics.events_nacked += 1
                 failed.append((event, batch, index))
             elif returned and event.message_id in returned:
                 returned.discard(event.message_id)
-                self.returned += 1
+                metrics.events_returned += 1
                 failed.append((event, batch, index))
             else:
                 confirmed.append((event, batch, index))
-        self.confirmed += len(confirmed)
         if confirmed:
+            metrics.events_confirmed += len(confirmed)
+            metrics.publish_latency.observe_confirmed(int(time.time() * 1000), confirmed)
             self.last_error_current = False
         if failed:
             self._record_error("broker refused message(s): nack or unroutable")
@@ -331,7 +329,7 @@ class AmqpPublisher:
         self._early.clear()
         self._returned_ids.clear()
         self._lost = asyncio.get_running_loop().create_future()
-        self.connections += 1
+        self.metrics.amqp_connections += 1
         self._last_node = node
         self.node, self.cluster_name = _node_name(node), link.cluster_name
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(link))
@@ -357,7 +355,7 @@ class AmqpPublisher:
                 self._drop(f"no frame from the broker for {silence:.1f}s "
                            f"(heartbeat {heartbeat}s): connection dead")
             elif self._pending and now - self._pending[0][3] > timeout:
-                self.timeouts += 1
+                self.metrics.publish_timeouts += 1
                 self._drop(f"no confirm within {timeout}s (broker blocked or unreachable)")
 
     def _drop(self, reason: str, abort: bool = True) -> None:

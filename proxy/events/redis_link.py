@@ -32,7 +32,7 @@ __all__ = ["LocatedLink", "RedisLink", "open_link"]
 #: lists of events and short strings, so this is the limit of one unread reply stream.
 MAX_PENDING_COMMANDS = 100_000  # commands awaiting replies; more is a bug in the caller
 
-_rlog = RateLimitedLog(logging.getLogger("proxy.events.redis"))
+_rlog = RateLimitedLog(logging.getLogger("key_evt_amqp.events.redis"))
 
 
 class RedisLink(asyncio.Protocol):

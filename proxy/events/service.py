@@ -44,10 +44,11 @@ from proxy.events.source import KeyspaceSource
 from proxy.events.stream import MARKER_DB, Takeover
 from proxy.live import LiveConfig
 from proxy.sentinel import SentinelWatch
+from proxy.metrics import Metrics
 
 __all__ = ["EventService"]
 
-log = logging.getLogger("proxy.events")
+log = logging.getLogger("key_evt_amqp.events")
 
 #: Event names whose class verdict is cached; past it the cache starts over (module events can
 #: have any name, so the set of names is not bounded by Redis).
@@ -86,16 +87,17 @@ class EventService:
     """
 
     def __init__(self, live: LiveConfig, topology: Topology | None = None,
-                 sentinel: SentinelWatch | None = None) -> None:
+                 sentinel: SentinelWatch | None = None, metrics: Metrics | None = None) -> None:
         config = live.current
         self.live = live
+        self.metrics = metrics if metrics is not None else Metrics()
         #: fixed at start, as the fallback list's key (a new one applies at the next start)
         self.upstream = config.upstream
         self.fallback_key = config.fallback_key
         self._ids = IdSource()
-        self.publisher = AmqpPublisher(live, self)  # the service relays on_ready/on_settled
+        self.publisher = AmqpPublisher(live, self, self.metrics)  # the service relays on_ready/on_settled
         self.fallback = self._fallback_list(topology)
-        self.pipeline = Pipeline(live, self.publisher, self.fallback)
+        self.pipeline = Pipeline(live, self.publisher, self.fallback, self.metrics)
         fleet_link = LocatedLink(self.fallback.address, config.connect_timeout, self.fallback.locate)
         self.fleet = Fleet(FleetKeys(self.fallback.key), self.fallback.key, fleet_link,
                            listen=f"{config.listen_host}:{config.listen_port}", version=_version(),
@@ -120,14 +122,6 @@ class EventService:
         if sentinel is not None:
             sentinel.listeners.append(self._master_switched)
             sentinel.on_replicas = self._prepare_replicas
-        self.seen = 0
-        #: events (and gap markers) that passed the filters, on every instance of a fleet: the
-        #: forwarder's go to the pipeline, a standby's to its buffer (counted once, there)
-        self.accepted = 0
-        self.filtered = 0
-        self.own_keys = 0
-        self.gaps = 0
-        self.gap_ms = 0
         self.notify_keyspace_events = ""
         self.notify_config_error = ""
         self._flags_task: asyncio.Task[None] | None = None
@@ -138,7 +132,7 @@ class EventService:
         timeout = self.live.current.connect_timeout
         if topology is None:
             return FallbackList(self.upstream, fallback_key_for(self.fallback_key), timeout,
-                                on_lost=self._fallback_lost)
+                                on_lost=self._fallback_lost, metrics=self.metrics)
         key = cluster_fallback_key(self.fallback_key)
         slot = key_slot(key)
         seed = (self.upstream.host, self.upstream.port)
@@ -155,7 +149,7 @@ class EventService:
                 topology.refresh_soon()
 
         return FallbackList(locate(), key, timeout, locate=locate, on_moved=on_moved,
-                            on_lost=self._fallback_lost)
+                            on_lost=self._fallback_lost, metrics=self.metrics)
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -228,7 +222,7 @@ class EventService:
             if gap is not None:
                 assert gap.gap is not None
                 self._count_gap(*gap.gap)
-                self.accepted += 1
+                self.metrics.events_accepted += 1
                 self.pipeline.accept(gap)
             for event in takeover.events:
                 self.pipeline.accept(event)
@@ -263,7 +257,7 @@ class EventService:
     def _deliver(self, stream: Stream, event: Event) -> None:
         """An event or gap marker in ``stream``'s order: the pipeline's if this instance is the
         forwarder, else the standby buffer's."""
-        self.accepted += 1
+        self.metrics.events_accepted += 1
         if self.fleet.role is Role.FORWARDER:
             if not stream.ended:
                 self.pipeline.accept(event)
@@ -304,43 +298,43 @@ class EventService:
             self.publisher.ensure_connected()
 
     def info(self) -> dict[str, object]:
-        p, s = self.publisher, self.pipeline.stats
+        p, m = self.publisher, self.metrics
         sources = self.cluster.sources.values() if self.cluster is not None else [self.source]
         return {
             "amqp_state": p.state.value,
             "amqp_node": p.node,
             "amqp_cluster_name": p.cluster_name,
-            "amqp_connections": p.connections,
+            "amqp_connections": m.amqp_connections,
             "source_state": self.source.state_name,
             "pipeline_mode": self.pipeline.mode.value,
-            "events_seen": self.seen,
-            "events_filtered": self.filtered,
-            "events_own_keys": self.own_keys,
-            "events_accepted": self.accepted,
-            "events_published": p.published,
+            "events_seen": m.events_seen,
+            "events_filtered": m.events_filtered,
+            "events_own_keys": m.events_own_keys,
+            "events_accepted": m.events_accepted,
+            "events_published": m.events_published,
             "amqp_messages_written": p.written,
             "amqp_writes_fenced": p.fenced_writes,
-            "events_confirmed": p.confirmed,
-            "events_nacked": p.nacked,
-            "events_returned": p.returned,
-            "publish_timeouts": p.timeouts,
+            "events_confirmed": m.events_confirmed,
+            "events_nacked": m.events_nacked,
+            "events_returned": m.events_returned,
+            "publish_timeouts": m.publish_timeouts,
             "events_in_flight": p.in_flight,
             "events_held": len(self.pipeline.hold),
-            "events_to_fallback": s["to_fallback"],
-            "events_replayed": s["replayed"],
+            "events_to_fallback": m.events_to_fallback,
+            "events_replayed": m.events_replayed,
             "events_waiting_for_fallback": len(self.pipeline.spill) + len(self.pipeline.failed_direct),
-            "events_dropped": s["dropped_cap"] + s["dropped_off"] + s["dropped_overflow"] + self.fallback.lost,
-            "events_dropped_fallback_full": s["dropped_cap"],
-            "events_dropped_fallback_off": s["dropped_off"],
-            "events_dropped_overflow": s["dropped_overflow"],
-            "events_dropped_fallback_lost": self.fallback.lost,
-            "fallback_restored": self.fallback.restored,
-            "fallback_skipped_entries": s["skipped_entries"],
+            "events_dropped": m.events_dropped,
+            "events_dropped_fallback_full": m.dropped_fallback_full,
+            "events_dropped_fallback_off": m.dropped_fallback_off,
+            "events_dropped_overflow": m.dropped_overflow,
+            "events_dropped_fallback_lost": m.fallback_lost,
+            "fallback_restored": m.fallback_restored,
+            "fallback_skipped_entries": m.fallback_skipped_entries,
             "fallback_length": self.fallback.length,
             "fallback_key": self.fallback.key.decode("utf-8", "backslashreplace"),
-            "replay_failures": s["replay_failures"],
-            "gaps": self.gaps,
-            "gap_ms_total": self.gap_ms,
+            "replay_failures": m.replay_failures,
+            "gaps": m.gaps,
+            "gap_ms_total": m.gap_ms,
             "source_reconnects": self.source.reconnects,
             "notify_keyspace_events": self.notify_keyspace_events,
             "notify_config_error": self.notify_config_error,
@@ -348,6 +342,19 @@ class EventService:
             **self.fleet.info(),
             **(self._sentinel_info() if self.sentinel is not None else {}),
             **(self.cluster.info() if self.cluster is not None else {}),
+        }
+
+    def health(self) -> dict[str, object]:
+        """What ``/readyz`` says: whether Redis is reachable (the subscription is up), the broker
+        usable (connected, or idle: it connects on the first event) and the fallback list on and
+        answering (its last operation did not fail)."""
+        state = self.publisher.state
+        return {
+            "redis": self.source.state_name == "subscribed",
+            "broker": state is BrokerState.READY or (state is BrokerState.IDLE and not self.publisher.last_error_current),
+            "fallback": self.live.current.fallback_size >= 0 and not self.pipeline.last_error_current,
+            "broker_state": state.value,
+            "source_state": self.source.state_name,
         }
 
     # ---- events -------------------------------------------------------------------------------
@@ -374,20 +381,21 @@ class EventService:
             return
         cursor.n += 1
         self.fleet.since_marker += 1
-        self.seen += 1
+        metrics = self.metrics
+        metrics.events_seen += 1
         ok = self._class_ok.get(name)
         if ok is None:
             if len(self._class_ok) >= CLASS_CACHE_LIMIT:
                 self._class_ok.clear()
             ok = self._class_ok[name] = event_class(name) in self._classes
         if not ok or not self._keys.matches(key):
-            self.filtered += 1
+            metrics.events_filtered += 1
             return
         if RESERVED in key:  # a fallback list (any instance's): forwarding it would loop
-            self.own_keys += 1
+            metrics.events_own_keys += 1
             return
         event = Event.keyspace(cursor.message_id(), int(time.time() * 1000), db, name, key, headers, extra)
-        self.accepted += 1
+        self.metrics.events_accepted += 1
         if self.fleet.role is Role.FORWARDER:
             if not stream.ended:  # handing over: what follows our marker is the next forwarder's
                 self.pipeline.accept(event)
@@ -406,12 +414,12 @@ class EventService:
         if successor is not None:
             self._deliver(self._stream_of(successor), event)
         elif self.fleet.role is Role.FORWARDER:
-            self.accepted += 1
+            self.metrics.events_accepted += 1
             self.pipeline.accept(event)
 
     def _count_gap(self, start_ms: int, end_ms: int) -> None:
-        self.gaps += 1
-        self.gap_ms += end_ms - start_ms
+        self.metrics.gaps += 1
+        self.metrics.gap_ms += end_ms - start_ms
 
     def _fallback_lost(self, count: int, start_ms: int, end_ms: int) -> Event:
         """The fallback list vanished and ``count`` of its elements were not in memory: the gap

@@ -34,7 +34,7 @@ from proxy.events.stream import MARKER_CHANNEL, MARKER_DB
 
 __all__ = ["KeyspaceSource", "SourceState", "parse_channel"]
 
-log = logging.getLogger("proxy.events.source")
+log = logging.getLogger("key_evt_amqp.events.source")
 
 PATTERN = b"__keyevent@*__:*"
 _PREFIX = b"__keyevent@"
@@ -192,6 +192,9 @@ class KeyspaceSource:
 
     def _subscribed(self) -> None:
         self.state = SourceState.SUBSCRIBED
+        if self.last_error_current or not self.last_error_ms:
+            log.info("keyspace source: subscribed to %s%s", self.address.masked_url(),
+                     " again" if self.last_error_ms else "")
         self.last_error_current = False
         now = self._good_ms = now_ms()
         self._last_pong = time.monotonic()

@@ -69,7 +69,7 @@ def test_elements_taken_by_someone_else_are_counted_and_marked(redis_server: Red
         await store.push([ev(n) for n in range(5)], cap=0)
         client.lpop(KEY, 2)
         assert await store.refresh_length() == 4  # 3 left + the marker
-        assert marks == [(2, 0, marks[0][2])] and resets == [1] and store.lost == 2
+        assert marks == [(2, 0, marks[0][2])] and resets == [1] and store.metrics.fallback_lost == 2
         assert ids(await store.read(0, 10, 0)) == [b"marker", b"id-2", b"id-3", b"id-4"]
         assert store.mirror_reads == 0  # the copy was dropped: positions were unknown
         store.close()

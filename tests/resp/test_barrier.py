@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from protocol.barrier import (
-    PROBE, Probe, cut, ends_with_error, hello_refused, judge_probe, line_start, markers, refusal,
+    PROBE, READ_PROBE, Probe, cut, ends_with_error, hello_refused, judge_probe, line_start, markers,
+    refusal, user_of,
 )
 
 TOKEN = b"key-evt-amqp-marker-0123456789abcdef0123456789abcdef"
@@ -109,3 +110,37 @@ def test_refusal_names_the_command() -> None:
         b"-NOPERM this user has no permissions to run the 'key_evt_amqp.info' command "
         b"(it needs the right to run CONFIG SET)\r\n"
     )
+
+
+@pytest.mark.parametrize("allowed", [b"$0\r\n\r\n", b"=4\r\ntxt:\r\n"])
+@pytest.mark.parametrize("before", [b"", b"+OK\r\n", b"$0\r\n\r\n", b"$2\r\n\r\n\r\n"])
+def test_the_read_probes_replies_are_cut_whole_in_resp2_and_resp3(allowed: bytes, before: bytes) -> None:
+    """Ours that only read send INFO's probe, then CONFIG SET's: either right is enough."""
+    no_config = b"-NOPERM User u has no permissions to run the 'config|set' command\r\n"
+    for probes, expected in ((allowed + no_config, Probe.ALLOWED), (allowed + UNKNOWN_OPTION, Probe.ALLOWED)):
+        stream = before + probes + MARKS.echo_reply
+        start, end = cut(stream, MARKS, MARKS.echo_reply, fallback=False, probed=True, probes=2)
+        assert (stream[:start], stream[start:end]) == (before, probes)
+        assert judge_probe(stream[start:end]) is expected
+
+
+def test_refused_read_probes_are_error_lines() -> None:
+    no_info = b"-NOPERM User u has no permissions to run the 'info' command\r\n"
+    for second, expected in ((b"-NOPERM User u has no permissions to run the 'config|set' command\r\n", Probe.NOPERM),
+                             (UNKNOWN_OPTION, Probe.ALLOWED)):
+        stream = b"$0\r\n\r\n" + no_info + second + MARKS.echo_reply
+        start, end = cut(stream, MARKS, MARKS.echo_reply, fallback=False, probed=True, probes=2)
+        assert stream[start:end] == no_info + second and judge_probe(stream[start:end]) is expected
+    assert READ_PROBE == b"*2\r\n$4\r\nINFO\r\n$28\r\nkey-evt-amqp-authority-probe\r\n"
+    assert b"right to run INFO" in refusal("key_evt_amqp.info", "INFO")
+
+
+@pytest.mark.parametrize(("reply", "user"), [
+    (b"$7\r\ndefault\r\n", "default"),
+    (b"$0\r\n\r\n", ""),
+    (b"-NOPERM User u has no permissions to run the 'acl|whoami' command\r\n", "?"),
+    (b"$9\r\ndefault\r\n", "?"),  # not a whole bulk string
+    (b"+OK\r\n", "?"),
+])
+def test_user_of_the_whoami_reply(reply: bytes, user: str) -> None:
+    assert user_of(reply) == user

@@ -138,7 +138,7 @@ def test_a_failed_round_reports_the_most_telling_code_and_every_reason(
 def test_the_first_node_that_works_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     p, tried = run_open(monkeypatch, {"a": BrokerError(3, "down"), "b": None, "c": BrokerError(3, "down")})
     assert tried[-1] == "b" and p.node == "b:2" and p.cluster_name == "rabbit@test"
-    assert p._last_node == ("b", 2) and p.connections == 1
+    assert p._last_node == ("b", 2) and p.metrics.amqp_connections == 1
 
 
 def test_amqp_wire_alone_imports_aiormq() -> None:

@@ -71,7 +71,9 @@ def test_aiormq_is_imported_only_by_the_adapter() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(name == "aiormq" or name.startswith("aiormq.") for name in names):
                 importers.append(str(path.relative_to(ROOT)))
-    assert sorted(set(importers)) == ["proxy/events/amqp_wire.py"]
+    # proxy/tail.py is a consumer of its own (`key-evt-amqp tail`), on aiormq's public API only: the
+    # internals the publisher relies on stay behind the adapter.
+    assert sorted(set(importers)) == ["proxy/events/amqp_wire.py", "proxy/tail.py"]
 
 
 # ---- the log filter ----------------------------------------------------------------------------

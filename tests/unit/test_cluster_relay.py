@@ -17,6 +17,7 @@ from proxy.cluster.links import NodeLink
 from proxy.cluster.relay import ClusterClientConnection
 from proxy.cluster.topology import Address, SlotMap
 from proxy.config import Config
+from proxy.metrics import Metrics
 
 A: Address = ("127.0.0.1", 7000)
 B: Address = ("127.0.0.1", 7001)
@@ -100,6 +101,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.topology = FakeTopology()
         self.runtime = None
+        self.metrics = Metrics()
         self.clients: set[ClusterClientConnection] = set()
 
     def admit(self, client: ClusterClientConnection) -> bool:

@@ -198,7 +198,7 @@ def test_cap_trim_during_replay_removes_nothing_new() -> None:
             pipeline.accept(event(n))            # the cap drops k0..k3 (being replayed)
         await turn()
         assert store.keys() == keys(4, 5, 6, 7, 8, 9)
-        assert pipeline.stats["dropped_cap"] == 4
+        assert pipeline.metrics.dropped_fallback_full == 4
         broker.settle()                          # k0..k3 confirmed: nothing more to remove
         await turn()
         assert store.keys()[:2] == keys(4, 5) or broker.wire[4:6] == keys(4, 5)

@@ -27,7 +27,8 @@ def test_a_publisher_error_holds_until_a_message_is_confirmed() -> None:
     publisher = AmqpPublisher(LiveConfig(Config()), Sink())  # type: ignore[arg-type]
     assert (publisher.last_error, publisher.last_error_ms, publisher.last_error_current) == ("", 0, False)
     before = int(time.time() * 1000)
-    publisher._pending.extend([(object(), None, 0, 0.0), (object(), None, 1, 0.0)])
+    events = [types.SimpleNamespace(message_id=b"%d" % i, timestamp_ms=before) for i in range(2)]
+    publisher._pending.extend([(events[0], None, 0, 0.0), (events[1], None, 1, 0.0)])
     publisher._on_confirm(1, False, True)  # a nack
     assert publisher.last_error.startswith("broker refused") and publisher.last_error_current
     assert before <= publisher.last_error_ms <= time.time() * 1000

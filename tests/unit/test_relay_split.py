@@ -11,10 +11,11 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.barrier import PROBE
+from protocol.barrier import PROBE, READ_PROBE, WHOAMI
 from proxy.config import Config
 from proxy.relay import ClientConnection, Mode
 from proxy.runtime import Change
+from proxy.metrics import Metrics
 
 
 def encode(args: list[bytes]) -> bytes:
@@ -39,6 +40,9 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
 
 class FakeRuntime:
     """Our commands change the settings through ``Runtime.change`` (for the whole fleet, in
@@ -46,6 +50,7 @@ class FakeRuntime:
 
     def __init__(self) -> None:
         self.config = Config()
+        self.metrics = Metrics()
 
     def change(self, change: Change) -> bytes:
         self.config = change.make(self.config)
@@ -57,6 +62,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.runtime = FakeRuntime()
+        self.metrics = Metrics()
 
     def admit(self, client: ClientConnection) -> bool:
         return True
@@ -85,11 +91,14 @@ def run(chunks: list[bytes]) -> tuple[bytes, bytes, FakeRuntime]:
             sent = b"".join(to_redis.out)
             markers = MARKER.findall(sent)
             assert len(markers) == answered + 1, "a barrier without its marker"
-            reply = b"-ERR Unknown option or number of arguments for CONFIG SET - 'x'\r\n"
+            if sent.endswith(WHOAMI + b"*2\r\n$4\r\nECHO\r\n$52\r\n%s\r\n" % markers[-1]):
+                reply = b"$7\r\ndefault\r\n"  # the audit log asks who the user is
+            else:
+                reply = b"-ERR Unknown option or number of arguments for CONFIG SET - 'x'\r\n"
             client.reply_data(reply + b"$52\r\n%s\r\n" % markers[-1])
             answered += 1
     sent = b"".join(to_redis.out)
-    sent = MARKER.sub(b"", sent.replace(PROBE, b""))
+    sent = MARKER.sub(b"", sent.replace(PROBE, b"").replace(READ_PROBE, b"").replace(WHOAMI, b""))
     # Canonical input never needs the slow exact parser: the fast path placed every command.
     assert client.mode is Mode.FAST
     return sent, b"".join(to_client.out), server.runtime

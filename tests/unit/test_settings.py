@@ -116,7 +116,7 @@ def test_environment_names() -> None:
         "KEY_EVT_AMQP_UPSTREAM": "redis://10.0.0.1:7000",
         "KEY_EVT_AMQP_KEYMASK": "^a,b$,c",
         "KEY_EVT_AMQP_DELIVERY_MODE": "2",
-        "KEY_EVT_AMQP_UNRELATED": "ignored",
+        "KEY_EVT_AMQP": "not ours: no underscore after the prefix",
     }
     config = load([], environ)
     assert (config.listen_host, config.listen_port) == ("::1", 6381)
@@ -217,8 +217,8 @@ def test_environment_errors_name_the_variable() -> None:
 def test_file_errors(tmp_path: Path) -> None:
     path = write(tmp_path, "delivery_mode = 3\n")
     assert error_of(["--config", path]) == f"{path}: invalid delivery_mode '3': expected 1 or 2"
-    assert "unknown setting 'delivery-mode'" in error_of(
-        ["--config", write(tmp_path, "delivery-mode = 1\n")]
+    assert "unknown setting 'delivery-mod'" in error_of(
+        ["--config", write(tmp_path, "delivery-mod = 1\n")]
     )
     assert "expected a string or a number" in error_of(
         ["--config", write(tmp_path, "heartbeat = true\n")]
