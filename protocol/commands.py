@@ -39,7 +39,7 @@ class Effect(enum.Enum):
 #: Our commands, by the verb after the prefix.
 ADMIN_VERBS = frozenset({
     "config_set", "config_get", "config_reset", "connect", "disconnect", "fallback_storage_size_set",
-    "keymask_clean", "keymask_add", "keymask_set", "events_set", "info",
+    "keymask_clean", "keymask_add", "keymask_set", "events_set", "info", "fleet",
 })
 
 

@@ -62,7 +62,7 @@ log = logging.getLogger("key_evt_amqp.admin")
 _refusals = RateLimitedLog(log)
 
 #: Our commands that only read: they need the authority to run ``INFO`` (the others: ``CONFIG SET``).
-READ_VERBS = frozenset({"info", "config_get"})
+READ_VERBS = frozenset({"info", "config_get", "fleet"})
 
 Reply = bytes | Awaitable[bytes]
 Handler = Callable[["Runtime", str, list[bytes], bool], Reply]
@@ -372,6 +372,12 @@ def _events_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
     return runtime.change(Change(("events",), lambda config: replace(config, events=spec)))
 
 
+def _fleet(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
+    if args:
+        return _arity(name)
+    return runtime.fleet(resp3)
+
+
 def _config_reset(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if args:
         return _arity(name)
@@ -423,6 +429,7 @@ HANDLERS: dict[str, Handler] = {
     "config_set": _config_set,
     "config_get": _config_get,
     "config_reset": _config_reset,
+    "fleet": _fleet,
     "connect": _connect,
     "disconnect": _disconnect,
     "fallback_storage_size_set": _fallback_size_set,

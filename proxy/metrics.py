@@ -118,6 +118,14 @@ GAUGES: dict[str, tuple[str, str]] = {
     "source_reconnects": ("key_evt_amqp_source_reconnects", "reconnections of the event subscription"),
     "cluster_sources": ("key_evt_amqp_cluster_sources", "masters subscribed to or being subscribed"),
     "cluster_sources_subscribed": ("key_evt_amqp_cluster_sources_subscribed", "masters subscribed"),
+    "fleet_takeovers": ("key_evt_amqp_fleet_takeovers", "times this instance became the forwarder"),
+    "fleet_demotions": ("key_evt_amqp_fleet_demotions", "times it lost the lease while forwarding"),
+    "fleet_checkpoint_lag_ms": ("key_evt_amqp_fleet_checkpoint_lag_ms",
+                                "ms since the newest done checkpoint (-1: none yet)"),
+    "fleet_standby_buffer": ("key_evt_amqp_fleet_standby_buffer",
+                             "events a standby keeps for a takeover"),
+    "fleet_standby_dropped": ("key_evt_amqp_fleet_standby_dropped",
+                              "events a standby dropped past --standby-buffer"),
 }
 
 #: ``info`` fields that are states: ``/metrics`` shows ``name{state="<value>"} 1``.
@@ -127,6 +135,7 @@ STATES: dict[str, tuple[str, str]] = {
     "source_state": ("key_evt_amqp_source_state", "event subscription to Redis"),
     "pipeline_mode": ("key_evt_amqp_pipeline_mode", "direct, holding, or spilling (the fallback list "
                       "is in use: replaying)"),
+    "fleet_role": ("key_evt_amqp_fleet_role", "forwarder (publishes the events) or standby"),
 }
 
 

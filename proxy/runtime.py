@@ -60,6 +60,9 @@ class Events(Protocol):
     def health(self) -> dict[str, object]:
         """``redis``, ``broker``, ``fallback``: whether each works now (and their states)."""
 
+    async def fleet_members(self) -> list[dict[str, str]]:
+        """The live instances of the fleet, from their heartbeats. Raises CommandError."""
+
 
 class Settings(Protocol):
     """Where commands change the settings: for every instance of the fleet
@@ -170,6 +173,15 @@ class Runtime:
         values.update(self.events.info())
         values.update(self.settings.info())
         return values
+
+    async def fleet(self, resp3: bool) -> bytes:
+        """``key_evt_amqp.fleet``: one entry per live instance (a map in RESP3, field-value pairs
+        in RESP2)."""
+        try:
+            members = await self.events.fleet_members()
+        except CommandError as exc:
+            return replies.error(str(exc))
+        return replies.encode(members, resp3=resp3)
 
     def health(self) -> dict[str, object]:
         """``/readyz``: ready when Redis is reachable and events can go to the broker or the

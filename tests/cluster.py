@@ -16,7 +16,7 @@ import time
 
 import redis
 
-from harness import HOST, RedisServer, wait_for
+from harness import HOST, RedisServer, user_dbsize, wait_for
 
 NODE_TIMEOUT_MS = 2000
 #: Lines a test wants in the terminal summary (failover measurements), shown even without ``-s``.
@@ -109,11 +109,12 @@ class RedisCluster:
                     return next(s for s in self.servers if s.port == master[1])
         raise AssertionError(f"slot {slot} has no owner")
 
-    def total_keys(self) -> int:
+    def total_keys(self, user_only: bool = False) -> int:
+        """Keys on every master (``user_only``: without the proxy's own, see harness.user_dbsize)."""
         total = 0
         for server in self.masters():
             with server.client() as client:
-                total += client.dbsize()
+                total += user_dbsize(client) if user_only else client.dbsize()
         return total
 
     def flushall(self) -> None:

@@ -597,3 +597,13 @@ class TcpTap:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: DBSIZE without the proxy's own keys (names containing ``key_evt_amqp``: the fleet's lease,
+#: token, members, done checkpoints, shared settings, the fallback list), in one atomic step.
+_USER_DBSIZE = "return redis.call('DBSIZE') - #redis.call('KEYS', '*key_evt_amqp*')"
+
+
+def user_dbsize(client: redis.Redis) -> int:
+    """The number of keys in ``client``'s db that are not the proxy's own (see above)."""
+    return int(client.eval(_USER_DBSIZE, 0))

@@ -31,6 +31,7 @@ from protocol.slots import key_slot
 from proxy.cluster.topology import Address, Topology, query
 from proxy.config import Config, RedisAddress
 from proxy.events.cluster_source import ClusterSources
+from proxy.errors import CommandError
 from proxy.events.errors import AmqpCommandError, BrokerError, LinkError
 from proxy.events.fallback import FallbackList
 from proxy.events.fleet import Fleet, FleetKeys, Role, Stream, gap_for
@@ -343,6 +344,22 @@ class EventService:
             **(self._sentinel_info() if self.sentinel is not None else {}),
             **(self.cluster.info() if self.cluster is not None else {}),
         }
+
+    async def fleet_members(self) -> list[dict[str, str]]:
+        """``key_evt_amqp.fleet``: the live instances, from their heartbeats in Redis."""
+        try:
+            members = await self.fleet.members()
+        except LinkError as exc:
+            raise CommandError(f"ERR the fleet's members cannot be read from Redis: {exc}") from None
+        now = time.time() * 1000
+        out = []
+        for member in sorted(members, key=lambda m: m["id"]):
+            started = int(member.pop("started_ms", "0") or 0)
+            member.pop("seen_ms", None)
+            member["uptime_s"] = str(int((now - started) / 1000)) if started else "?"
+            member["self"] = "yes" if member["id"] == self.fleet.instance else "no"
+            out.append(member)
+        return out
 
     def health(self) -> dict[str, object]:
         """What ``/readyz`` says: whether Redis is reachable (the subscription is up), the broker

@@ -326,3 +326,25 @@ def test_cluster_fleet_forwarder_leaves(cluster: RedisCluster, queue: RabbitQueu
     assert gaps == 0
     if how == "sigterm":
         assert duplicates == 0
+
+
+def test_fleet_command_lists_the_live_instances(queue: RabbitQueue) -> None:
+    with RedisServer() as rs, ExitStack() as stack:
+        proxies = start_fleet(stack, [rs.url] * 3, fleet_args(queue))
+        the_forwarder(proxies)
+
+        def members() -> list[dict[bytes, bytes]]:
+            client = proxies[1].client(socket_timeout=5)
+            try:
+                reply = client.execute_command("key_evt_amqp.fleet")
+            finally:
+                client.close()
+            return [dict(zip(entry[::2], entry[1::2], strict=True)) for entry in reply]
+        wait_for(lambda: len(members()) == 3, 10)
+        listed = members()
+        assert sorted(m[b"role"] for m in listed) == [b"forwarder", b"standby", b"standby"]
+        assert {m[b"listen"] for m in listed} == {f"127.0.0.1:{p.port}".encode() for p in proxies}
+        assert [m[b"self"] for m in listed].count(b"yes") == 1
+        assert all(m[b"version"] and m[b"uptime_s"].isdigit() for m in listed)
+        proxies[2].kill()
+        wait_for(lambda: len(members()) == 2, 10, message="for the dead instance to leave the list")

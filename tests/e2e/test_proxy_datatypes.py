@@ -15,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from harness import ProxyProcess
+from harness import ProxyProcess, user_dbsize
 
 ALL_BYTES = bytes(range(256))
 TWENTY_MB = 20 * 1024 * 1024
@@ -189,4 +189,4 @@ def test_redis_cli_pipe_mode(proxy: ProxyProcess, fresh_redis: redis.Redis) -> N
                        for k in (f"pipe:{i}".encode() for i in range(5000)))
     out = _cli(proxy, "--pipe", stdin=payload)
     assert b"errors: 0, replies: 5000" in out, out
-    assert fresh_redis.dbsize() == 5000
+    assert user_dbsize(fresh_redis) == 5000

@@ -18,6 +18,7 @@ import pytest
 
 from harness import (REPO_ROOT, ErrorReply, ProxyProcess, RawClient, RedisServer, port_accepts,
                      unreachable_amqp_url, wait_for)
+from rabbit import RabbitQueue
 
 CLIENTS = 40
 RESTART_TIMEOUT = 10.0  # seconds for a killed worker's successor to answer (takes ~1 s here)
@@ -292,3 +293,47 @@ def test_a_port_in_use_fails_the_start_even_when_its_owner_uses_so_reuseport(
         assert done.returncode == 1, done.stderr
         assert "cannot listen on" in done.stderr
         assert answering(first, 20) <= pids  # nobody joined the first proxy's port
+
+
+def test_workers_are_one_fleet_events_once_per_id_through_a_worker_kill(redis_server: RedisServer) -> None:
+    """--workers 2 with a real broker: one worker forwards, the other stands by; SIGKILL of the
+    forwarding worker mid-stream: the standby takes over, every event arrives, duplicates carry
+    the id of their first copy."""
+    total = 20_000
+    with RabbitQueue() as queue, ProxyProcess(redis_server.url, (
+            "--workers", "2", "--amqp", "amqp://guest:guest@127.0.0.1:5672/", "--routing-key",
+            queue.routing_key, "--events", "$", "--keymask", "ALL")) as proxy:
+        pids = all_workers_answer(proxy, 2)
+
+        def roles() -> dict[int, bytes]:
+            out = {}
+            for _ in range(12):
+                with RawClient(proxy.port) as raw:
+                    info = info_of(raw)
+                    out[int(info[b"worker_pid"])] = info[b"fleet_role"]
+            return out
+        wait_for(lambda: sorted(roles().values()) == [b"forwarder", b"standby"] and set(roles()) == pids, 20)
+        forwarder = next(pid for pid, role in roles().items() if role == b"forwarder")
+        client = redis_server.client()
+        for start in range(0, total, 1000):
+            pipe = client.pipeline(transaction=False)
+            for i in range(start, start + 1000):
+                pipe.set(b"k%d" % i, b"v")
+            pipe.execute()
+            if start == total // 2:
+                os.kill(forwarder, signal.SIGKILL)
+        messages = queue.drain(expected=total, idle=3, timeout=60)
+        proxy.stop(timeout=30)
+    first: dict[bytes, str | None] = {}
+    order = []
+    for m in messages:
+        if m.type == "key_evt_amqp.gap":
+            continue
+        key = m.body.split(b"\n", 2)[2]
+        if key in first:
+            assert first[key] == m.message_id, f"duplicate of {key!r} with another message_id"
+        else:
+            first[key] = m.message_id
+            order.append(key)
+    assert order == [b"k%d" % i for i in range(total)]
+    print(f"\n--workers 2, forwarding worker killed: {len(messages) - total} duplicates")
