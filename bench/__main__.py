@@ -34,13 +34,15 @@ class Params:
     cost_requests_p16: int = 500_000
     replay_n: int = 200_000
     idle_clients: int = 1_000
+    takeovers: int = 20  # fleet: SIGKILLs of the forwarder
     amqp_url: str = AMQP_URL
     profile_dir: str | None = None  # py-spy raw profiles of every proxy, when set
 
 
 QUICK = Params(rounds=3, cmd_requests_p1=10_000, cmd_requests_p16=60_000,
                latency_requests=10_000, event_n=20_000, naive_n=1_000,
-               cost_requests_p1=10_000, cost_requests_p16=30_000, replay_n=20_000)
+               cost_requests_p1=10_000, cost_requests_p16=30_000, replay_n=20_000,
+               takeovers=5)
 
 SCENARIOS = {
     "command_path": command_path.command_path,

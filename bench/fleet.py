@@ -10,6 +10,12 @@ shows as ``<name>_part: not available: <why>`` without hiding the others' number
   redis-benchmark, Redis and the proxy (supervisor and workers together) per second of run, and
   of the whole machine (``machine_cpu``: the rest is other work on the shared machine): that is
   what says where the cores went.
+- ``takeover``: three proxies on one Redis with a real broker; each round pipelines
+  :data:`TAKEOVER_EVENTS` SETs through a standby and SIGKILLs the forwarder halfway, then starts a
+  new instance so that three run again. Per round: the takeover time (kill -> the new forwarder's
+  first message written to the broker, ``amqp_messages_written`` polled every 5 ms), events lost
+  (must be 0) and duplicates (events published twice: the dead forwarder's unconfirmed tail,
+  with the same message_id); median and max over the rounds.
 """
 
 from __future__ import annotations
@@ -133,8 +139,96 @@ def workers(p) -> dict:
                        "cpu": "CPU seconds per second of run (1.0 = one core busy)"}}
 
 
-#: The parts of the scenario, in the order they run. Add a measurement here (the takeover part).
-PARTS: dict[str, Callable[[object], dict]] = {"workers": workers}
+TAKEOVER_EVENTS = 20_000
+TAKEOVER_TIMEOUT = 30.0
+
+
+def _info(port: int) -> dict[str, str]:
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        s.sendall(INFO)
+        data = b""
+        while not data.endswith(b"\r\n") or data.count(b"\r\n") < 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if data.startswith(b"$"):
+                size = int(data[1:data.index(b"\r\n")])
+                if len(data) >= data.index(b"\r\n") + 2 + size + 2:
+                    break
+    body = data.split(b"\r\n", 1)[1].decode("utf-8", "replace")
+    return dict(line.split(":", 1) for line in body.splitlines() if ":" in line)
+
+
+def _role(service: Service) -> str:
+    try:
+        return _info(service.port)["fleet_role"]
+    except (OSError, KeyError, ValueError):
+        return "unreachable"
+
+
+def _until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise Unavailable(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def takeover(p) -> dict:
+    """SIGKILL of the forwarder among three instances, ``p.takeovers`` times."""
+    from bench.amqp_raw import RawAMQP
+    from bench.events import EXCHANGE, own_queue, verify
+    from bench.loads import set_keys
+
+    times: list[float] = []
+    lost: list[float] = []
+    duplicates: list[float] = []
+    with Stack(p.profile_dir, "fleet_takeover") as st, RawAMQP() as admin:
+        queue = own_queue(admin, "takeover")
+        redis = st.redis()
+        args = ("--amqp", p.amqp_url, "--exchange", EXCHANGE, "--routing-key", queue, "--keymask", "ALL",
+                "--events", "$")
+        proxies = [st.proxy(redis.port, *args) for _ in range(3)]
+        try:
+            for r in range(p.takeovers):
+                _until(lambda: sorted(_role(s) for s in proxies) == ["forwarder", "standby", "standby"],
+                       TAKEOVER_TIMEOUT, "one forwarder and two standbys", interval=0.05)
+                forwarder = next(s for s in proxies if _role(s) == "forwarder")
+                standbys = [s for s in proxies if s is not forwarder]
+                names = [b"r%d:k%d" % (r, i) for i in range(TAKEOVER_EVENTS)]
+                set_keys(standbys[0].port, names[:TAKEOVER_EVENTS // 2])
+                written = {s.port: int(_info(s.port)["amqp_messages_written"]) for s in standbys}
+                forwarder.proc.kill()
+                killed = time.monotonic()
+
+                def new_publishes() -> bool:
+                    return any(int(_info(s.port)["amqp_messages_written"]) > written[s.port] for s in standbys)
+                set_keys(standbys[0].port, names[TAKEOVER_EVENTS // 2:])
+                _until(new_publishes, TAKEOVER_TIMEOUT, "the new forwarder's first publish")
+                times.append((time.monotonic() - killed) * 1000)
+                forwarder.proc.wait()
+                st.stop(forwarder)
+                bodies = admin.consume_bodies(queue, TAKEOVER_EVENTS, 60.0, idle=2.0)
+                got = verify([b for b in bodies if b"key_evt_amqp.gap" not in b], names)
+                lost.append(got["missing"])
+                duplicates.append(got["duplicates"])
+                log(f"round {r + 1}/{p.takeovers}: takeover {times[-1]:.0f} ms, lost {got['missing']}, "
+                    f"duplicates {got['duplicates']}")
+                proxies = [*standbys, st.proxy(redis.port, *args)]
+        finally:
+            admin.delete(queue)
+    return {"ratios": {},
+            "values": {"takeover/ms_median": median(times), "takeover/ms_max": max(times),
+                       "takeover/lost_total": sum(lost), "takeover/duplicates_median": median(duplicates),
+                       "takeover/duplicates_max": max(duplicates)},
+            "samples": {"takeover/ms": times, "takeover/lost": lost, "takeover/duplicates": duplicates},
+            "params": {"instances": 3, "events_per_round": TAKEOVER_EVENTS, "rounds": p.takeovers,
+                       "kill": "SIGKILL of the forwarder after half the events of the round"}}
+
+
+#: The parts of the scenario, in the order they run.
+PARTS: dict[str, Callable[[object], dict]] = {"workers": workers, "takeover": takeover}
 
 
 def fleet(p) -> dict:
