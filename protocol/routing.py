@@ -68,6 +68,7 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _ESCAPE = [bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in range(256)]
 _UNSAFE = re.compile(rb"[^A-Za-z0-9\-_:/+=@!~,;]")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]*)\}")
+_JSON_SPECIAL = re.compile(rb'[^\x20-\x21\x23-\x5b\x5d-\x7e]')  # what JSON must escape, and non-ASCII
 _KEEP = 246  # bytes kept when a key is too long: 246 + "~" + 8 hex = 255
 
 
@@ -191,6 +192,8 @@ def json_body(message_id: bytes, timestamp_ms: int, db: int, name: bytes, key: b
 
 
 def _field(name: bytes, data: bytes) -> bytes:
+    if not _JSON_SPECIAL.search(data):  # printable ASCII without " or \\: as is (the usual key)
+        return b'"%b":"%b"' % (name, data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -199,4 +202,6 @@ def _field(name: bytes, data: bytes) -> bytes:
 
 
 def _text(data: bytes) -> bytes:
+    if not _JSON_SPECIAL.search(data):
+        return b'"%b"' % data
     return json.dumps(data.decode("utf-8", "replace"), ensure_ascii=False).encode("utf-8")

@@ -120,3 +120,14 @@ def test_fallback_entry_keeps_the_route() -> None:
     assert back_gap is not None and back_gap.gap == (10, 20) and back_gap.route == gap.route
     assert load_entry(b"KEA1 id 1 !route=zz,00,json\n0\nset\nk", 0) is None
     assert load_entry(b"KEA1 id 1 !route=00,00,xml\n0\nset\nk", 0) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40), st.binary(max_size=12), st.binary(max_size=20))
+def test_any_key_event_and_node_make_valid_json(key: bytes, name: bytes, node: bytes) -> None:
+    body = json.loads(json_body(b"id", 1, 0, name, key, None, node))
+    if "key" in body:
+        assert body["key"].encode("utf-8") == key
+    else:
+        assert base64.b64decode(body["key_b64"]) == key
+    assert body["event"] == name.decode("utf-8", "replace") and body["node"] == node.decode("utf-8", "replace")
