@@ -27,7 +27,9 @@ instances in the pipeline), never exceptions. Failing to connect is the ``OSErro
 
 from __future__ import annotations
 
-__all__ = ["CommandError", "ConfigError", "ProxyError", "SentinelError", "TopologyError"]
+import asyncio
+
+__all__ = ["check_cancelled", "CommandError", "ConfigError", "ProxyError", "SentinelError", "TopologyError"]
 
 
 class ProxyError(Exception):
@@ -48,3 +50,15 @@ class SentinelError(ProxyError):
 
 class CommandError(ProxyError):
     """One of our commands failed in a way the client must hear: reply ``-`` + ``str(exc)``."""
+
+
+def check_cancelled() -> None:
+    """Raise CancelledError if the running task was asked to stop.
+
+    Python 3.11's ``asyncio.wait_for`` can swallow a cancellation that arrives just as the awaited
+    operation fails (a connection refused at the same moment): the caller then sees the failure,
+    not the cancellation, and a retry loop would retry for ever while ``stop()`` waits for it.
+    Every retry loop calls this once per round."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

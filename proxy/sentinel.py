@@ -39,7 +39,7 @@ from protocol.commands import encode_command
 from proxy.cluster.topology import Address, query
 from proxy.config import RedisAddress
 from proxy.connect import open_redis_streams, set_locator, tls_reason
-from proxy.errors import SentinelError
+from proxy.errors import SentinelError, check_cancelled
 
 __all__ = ["SentinelWatch"]
 
@@ -235,6 +235,7 @@ class SentinelWatch:
     async def _listen(self, sentinel: Address) -> None:
         delay = RECONNECT_MIN
         while True:
+            check_cancelled()
             try:
                 await self._subscription(sentinel)
             except (OSError, asyncio.TimeoutError, hiredis.HiredisError, SentinelError) as exc:
@@ -329,6 +330,7 @@ class SentinelWatch:
 
     async def _replicas_loop(self) -> None:
         while True:
+            check_cancelled()
             try:
                 await asyncio.wait_for(self._replicas_wanted.wait(), REPLICAS_INTERVAL)
             except asyncio.TimeoutError:

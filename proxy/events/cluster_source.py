@@ -30,6 +30,7 @@ import hiredis
 from protocol.events import notify_flags_update, parse_classes
 from proxy.cluster.topology import Address, SlotMap, Topology, query
 from proxy.config import RedisAddress
+from proxy.errors import check_cancelled
 from proxy.events.flags import ensure_notify_flags
 from proxy.events.node_source import NodeSource, node_name
 from proxy.events.redis_link import RedisLink
@@ -151,6 +152,7 @@ class ClusterSources:
 
     async def _follow(self) -> None:
         while True:
+            check_cancelled()
             degraded = not self.sources or not all(s.confirmed for s in self.sources.values())
             try:
                 await asyncio.wait_for(self._wake.wait(), FAST_POLL if degraded else SLOW_POLL)
@@ -286,6 +288,7 @@ class ClusterSources:
 
     async def _flags_loop(self) -> None:
         while True:
+            check_cancelled()
             try:
                 await asyncio.wait_for(self._flags_wanted.wait(), FLAGS_INTERVAL)
             except asyncio.TimeoutError:

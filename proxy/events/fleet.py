@@ -41,10 +41,11 @@ from typing import Any
 
 import hiredis
 
+from proxy.errors import check_cancelled
 from proxy.events.errors import LinkError
 from proxy.events.fencing import Command, fenced
-from proxy.events.redis_link import LocatedLink
 from proxy.events.message import Event, gap_event
+from proxy.events.redis_link import LocatedLink
 from proxy.events.stream import MARKER_CHANNEL, Cursor, Marker, Order, StandbyBuffer, Takeover
 
 __all__ = ["Fleet", "FleetKeys", "Role", "Stream"]
@@ -181,6 +182,7 @@ class Fleet:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._beat_now = asyncio.Event()  # the role changed: tell the member list at once
 
     # ---- streams ------------------------------------------------------------------------------
 
@@ -311,6 +313,7 @@ class Fleet:
 
     async def _lease_loop(self) -> None:
         while not self._stopping:
+            check_cancelled()
             try:
                 if self.role is Role.FORWARDER:
                     await self._renew()
@@ -396,6 +399,7 @@ class Fleet:
         self.salt = secrets.token_hex(4).encode()
         self.k = 0
         self.role = Role.FORWARDER
+        self._beat_now.set()
         self.takeovers += 1
         self.promote(takeovers)
         self.last_takeover_ms = int((time.monotonic() - self.acquired_at) * 1000)
@@ -434,6 +438,7 @@ class Fleet:
         log.warning("fleet: no longer the forwarder (%s): stopped publishing; what was not confirmed "
                     "is the new forwarder's to publish", why)
         self.role = Role.STANDBY
+        self._beat_now.set()
         self.demotions += 1
         self.trusted_until = 0.0
         for stream in self.streams.values():
@@ -451,6 +456,7 @@ class Fleet:
         :data:`CHECKPOINT_EVERY` while events flow (:data:`IDLE_MARKER_EVERY` otherwise): send
         the next marker, announcing the done ones to the standbys."""
         while not self._stopping:
+            check_cancelled()
             await asyncio.sleep(DONE_EVERY)
             if self.role is not Role.FORWARDER or any(s.ended for s in self.streams.values()):
                 continue
@@ -510,6 +516,7 @@ class Fleet:
     async def _member_loop(self) -> None:
         beats = 0
         while not self._stopping:
+            check_cancelled()
             try:
                 now = int(time.time() * 1000)
                 record = (f"role={self.role.value} listen={self.listen} version={self.version} "
@@ -523,7 +530,11 @@ class Fleet:
                 pass
             except Exception:
                 log.exception("fleet: heartbeat failed")
-            await asyncio.sleep(MEMBER_EVERY)
+            self._beat_now.clear()
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), MEMBER_EVERY)
+            except asyncio.TimeoutError:
+                pass
 
     async def members(self) -> list[dict[str, str]]:
         """The live instances, from their heartbeats (the newest first)."""

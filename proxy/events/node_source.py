@@ -26,6 +26,7 @@ import hiredis
 
 from proxy.cluster.topology import Address
 from proxy.config import RedisAddress
+from proxy.errors import check_cancelled
 from proxy.events.errors import LinkError
 from proxy.events.message import encode_headers
 from proxy.events.redis_link import RedisLink, open_link
@@ -201,6 +202,7 @@ class NodeSource(KeyspaceSource):
         delay = 0.1
         loop = asyncio.get_running_loop()
         while not self.demoted:
+            check_cancelled()
             self.state = SourceState.CONNECTING
             self.confirmed = False
             self._probe_out = False

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from itertools import islice
 
+from proxy.errors import check_cancelled
 from proxy.events.errors import LinkError
 from proxy.events.fallback import FallbackList
 from proxy.events.message import Event
@@ -259,6 +260,7 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
         while not self._stopping:
+            check_cancelled()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK)
             except asyncio.TimeoutError:

@@ -38,6 +38,7 @@ from yarl import URL
 
 from proxy.amqp_tls import client_context
 from proxy.config import Config
+from proxy.errors import check_cancelled
 from proxy.events.amqp_wire import CHANNEL, ConfirmLink, LinkListener, open_link
 from proxy.events.errors import BrokerError
 from proxy.events.message import Event, FrameEncoder
@@ -286,6 +287,7 @@ class AmqpPublisher:
     async def _run(self, connected: bool) -> None:
         delay = RECONNECT_MIN
         while True:
+            check_cancelled()
             if not connected:
                 self.state = BrokerState.CONNECTING
                 try:

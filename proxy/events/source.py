@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.config import RedisAddress
+from proxy.errors import check_cancelled
 from proxy.events.errors import LinkError
 from proxy.events.redis_link import RedisLink, open_link
 from proxy.events.stream import MARKER_CHANNEL, MARKER_DB
@@ -213,6 +214,7 @@ class KeyspaceSource:
         delay = RECONNECT_MIN
         loop = asyncio.get_running_loop()
         while True:
+            check_cancelled()
             self.state = SourceState.CONNECTING
             self._lost = loop.create_future()
             link: RedisLink | None = None

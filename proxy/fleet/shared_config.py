@@ -52,7 +52,7 @@ import hiredis
 
 from protocol.slots import key_slot
 from proxy.config import Config, RedisAddress
-from proxy.errors import CommandError, ConfigError
+from proxy.errors import CommandError, ConfigError, check_cancelled
 from proxy.events.errors import LinkError
 from proxy.events.redis_link import RedisLink, open_link
 from proxy.fleet.shared_fields import ENABLED, VERSION, decode, encode, encode_enabled, version_of
@@ -360,6 +360,7 @@ class SharedConfig:
     async def _run(self) -> None:
         self.state = WatchState.CONNECTING
         while True:
+            check_cancelled()
             if self._sub is not None and not self._sub.closed:
                 self._check_subscription()
             if self._sub is None or self._sub.closed:

@@ -75,7 +75,7 @@ def test_ca_file_and_server_name(redis_server: RedisServer, rds: redis.Redis, ce
             assert f"connected to 127.0.0.1:{tls.port} (RabbitMQ " in line and line.endswith(", TLS)")
             assert f"amqps://guest:***@127.0.0.1:{tls.port}/%2F" in log_line(proxy, "listening on")
             rds.set("over-tls" + str(len(extra)), "v")
-            assert [m.body for m in queue.drain(expected=1)] == [b"0\nset\nover-tls%d" % len(extra)]
+            assert [m.body for m in queue.drain_events(1)] == [b"0\nset\nover-tls%d" % len(extra)]
             assert connect_reply(proxy) == b"AMQP CONNECT OK"
 
 

@@ -339,7 +339,9 @@ def test_fleet_command_lists_the_live_instances(queue: RabbitQueue) -> None:
                 reply = client.execute_command("key_evt_amqp.fleet")
             finally:
                 client.close()
-            return [dict(zip(entry[::2], entry[1::2], strict=True)) for entry in reply]
+            # a map per instance in RESP3, field-value pairs in RESP2
+            return [entry if isinstance(entry, dict) else dict(zip(entry[::2], entry[1::2], strict=True))
+                    for entry in reply]
         wait_for(lambda: len(members()) == 3, 10)
         listed = members()
         assert sorted(m[b"role"] for m in listed) == [b"forwarder", b"standby", b"standby"]

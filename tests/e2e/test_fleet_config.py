@@ -152,7 +152,9 @@ def test_config_reset_takes_every_instance_back_to_its_start_values(
 
 def test_disconnect_sent_to_one_instance_stops_the_broker_on_every_instance(
         redis_server: RedisServer, fresh_redis: redis.Redis) -> None:
-    args = ["--amqp", AMQP_URL, "--routing-key", f"kea-fleet-{uuid.uuid4().hex}", "--heartbeat", "2"]
+    # lazy: the instances connect when told to (the default connects at start)
+    args = ["--amqp", AMQP_URL, "--routing-key", f"kea-fleet-{uuid.uuid4().hex}", "--heartbeat", "2",
+            "--amqp-connect", "lazy"]
     with fleet(redis_server.url, args) as proxies, clients(proxies) as (a, b, c):
         assert a.command("key_evt_amqp.connect") == b"AMQP CONNECT OK"
         assert c.command("key_evt_amqp.connect") == b"AMQP CONNECT OK"

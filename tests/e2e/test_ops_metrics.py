@@ -118,9 +118,11 @@ def test_readyz_follows_redis_and_the_broker(redis_server: RedisServer) -> None:
                 "--amqp", f"amqp://guest:guest@127.0.0.1:{broker.port}/", "--fallback-size", "-1",
                 "--publish-timeout", "1",
                 "--events", "$", "--keymask", "ALL", "--metrics-listen", f"127.0.0.1:{metrics_port}")):
-        status, body = wait_for(lambda: (r := ready(metrics_port))[0] == 200 and r, message="ready")
+        # the broker connects at start (--amqp-connect start, the default)
+        status, body = wait_for(lambda: (r := ready(metrics_port))[0] == 200 and r[1]["broker_state"] == "ready"
+                                and r, message="ready")
         assert body == {"ready": True, "redis": True, "broker": True, "fallback": False,
-                        "broker_state": "idle", "source_state": "subscribed"}
+                        "broker_state": "ready", "source_state": "subscribed"}
 
         to_redis.cut()  # Redis unreachable: not ready, and the endpoint still answers
         status, body = wait_for(lambda: (r := ready(metrics_port))[0] == 503 and r, 15, message="not ready")

@@ -52,7 +52,8 @@ def test_systemd_unit_command_line_parses() -> None:
     assert start is not None
     argv = shlex.split(start[1])
     assert argv[0].endswith("/bin/key-evt-amqp") and argv[1] == "serve"
-    assert vars(_parser().parse_args(argv[1:]))["config"] == "/etc/key-evt-amqp.toml"
+    parser, _ = _parser()
+    assert vars(parser.parse_args(argv[1:]))["config"] == "/etc/key-evt-amqp.toml"
     assert "KillSignal=SIGTERM" in unit and "DynamicUser=yes" in unit and "Restart=on-failure" in unit
 
 

@@ -89,7 +89,9 @@ def test_json_and_the_gap_marker(events_proxy: ProxyProcess, redis_server: Redis
         entries.append(json.loads(tail.stdout.readline()))
     tail.send_signal(signal.SIGINT)
     _, err = tail.communicate(timeout=10)
-    assert tail.returncode == 0 and "3 events received, 3 shown" in err, err
+    # (on a loaded machine one more message may arrive before the Ctrl-C: counted and shown alike)
+    counts = re.search(r"(\d+) events received, (\d+) shown", err)
+    assert tail.returncode == 0 and counts and counts[1] == counts[2] and int(counts[1]) >= 3, (err, entries)
     first, gap, last = entries
     assert (first["event"], first["key"], first["db"]) == ("set", "before", 0)
     assert gap["gap"] is True and gap["source"] == f"127.0.0.1:{redis_server.port}"
