@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -131,3 +132,17 @@ def test_any_key_event_and_node_make_valid_json(key: bytes, name: bytes, node: b
     else:
         assert base64.b64decode(body["key_b64"]) == key
     assert body["event"] == name.decode("utf-8", "replace") and body["node"] == node.decode("utf-8", "replace")
+
+
+def test_bodies_follow_the_published_schema() -> None:
+    import jsonschema  # test dependency (pyproject: test)
+
+    schema = json.loads((Path(__file__).resolve().parents[2] / "docs" / "event.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for body in (json_body(b"i-1", 5, 0, b"set", b"user:1", None, b"127.0.0.1:6379"),
+                 json_body(b"i-2", 5, 15, b"del", b"\xff", None, b"10.0.0.1:7000"),
+                 json_body(b"g", 5, -1, b"key_evt_amqp.gap", b"n", (1, 2), b"n")):
+        validator.validate(json.loads(body))
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({"db": 0, "event": "set", "ts": 1, "id": "x", "node": "n"})  # no key at all
