@@ -274,9 +274,11 @@ def event_path_format(p) -> dict:
         queues = {name: own_queue(admin, name) for name in candidates}
         admin.bind(queues["template"], EXCHANGE, queues["template"] + ".0.set")
         try:
-            redis = st.redis()
             for r in range(p.rounds):
-                for name, extra in candidates.items():  # one proxy at a time: each sees every SET
+                for name, extra in candidates.items():
+                    # A Redis of its own each time: proxies on one Redis form a fleet (one list,
+                    # one lease), and a stopped one's lease would hold the next one back.
+                    redis = st.redis()
                     key = queues[name] + (".{db}.{event}" if name == "template" else "")
                     try:
                         proxy = start_event_proxy(st, redis.port, key, p.amqp_url, *extra)
@@ -293,6 +295,7 @@ def event_path_format(p) -> dict:
                     checks.append({"candidate": name, "round": r, **check})
                     admin.purge(queues[name])
                     st.stop(proxy)
+                    st.stop(redis)
                 log(f"round {r + 1}/{p.rounds}: " + ", ".join(
                     f"{k}={v[-1]:,.0f}/s" for k, v in samples.items() if v))
         finally:

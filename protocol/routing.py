@@ -139,17 +139,16 @@ def check_template(text: str) -> str:
 class Router:
     """Picks ``(exchange, routing key)`` for each event from the settings in force."""
 
-    __slots__ = ("exchange", "default", "routes", "separator", "json", "node")
+    __slots__ = ("exchange", "default", "routes", "separator", "json")
 
     def __init__(self, exchange: str, routing_key: str, routes: Sequence[Route], fmt: str,
-                 separator: bytes = b":", node: bytes = b"") -> None:
+                 separator: bytes = b":") -> None:
         self.exchange = exchange.encode()
         self.default = Template(routing_key)
         self.routes = tuple((compile_mask(mask), Template(rk), (exchange if ex is None else ex).encode())
                             for mask, rk, ex in routes)
         self.separator = separator
         self.json = fmt == "json"
-        self.node = node
 
     @property
     def plain(self) -> bool:

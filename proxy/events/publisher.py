@@ -113,6 +113,7 @@ class AmqpPublisher:
         self._link: ConfirmLink | None = None
         self._encoder: FrameEncoder | None = None
         self._router: Router | None = None  # None: every event takes the plain settings (fast path)
+        self._node = b""
         self._frame_max = 131072
         self._pending: deque[tuple[Event, Any, int, float]] = deque()
         self._first_tag = 1  # delivery tag of _pending[0]
@@ -150,8 +151,8 @@ class AmqpPublisher:
 
     def _make_encoder(self) -> FrameEncoder:
         c = self.live.current
-        router = Router(c.exchange, c.routing_key, c.routes, c.event_format, c.prefix_separator,
-                        c.upstream.name.encode())
+        self._node = c.upstream.name.encode()  # a JSON body's node outside cluster mode
+        router = Router(c.exchange, c.routing_key, c.routes, c.event_format, c.prefix_separator)
         self._router = None if router.plain else router
         # A template's text is no routing key: the plain encoder gets a placeholder it never uses.
         return FrameEncoder(CHANNEL, c.exchange, c.routing_key if router.plain else "", c.delivery_mode,
@@ -196,7 +197,7 @@ class AmqpPublisher:
         body = None
         if route[2] == b"json":
             self.metrics.events_json += 1
-            node = dict(event.headers).get(b"node") or self.live.current.upstream.name.encode()
+            node = (dict(event.headers).get(b"node") if event.headers else None) or self._node
             body = json_body(event.message_id, event.timestamp_ms, event.db, event.name,
                              event.body.split(b"\n", 2)[2], event.gap, node)
         return encoder.encode_routed(event, route[0], route[1], body)
