@@ -205,3 +205,22 @@ def test_long_keys_are_cut_to_255_bytes(prefix: str) -> None:
         got = queue.drain(expected=2)
     keys = [m.routing_key for m in got]
     assert all(len(k) == 255 and k[246] == "~" for k in keys) and keys[0] != keys[1]
+
+
+def test_routes_and_format_are_shared_by_a_fleet(prefix: str) -> None:
+    with ExitStack() as stack:
+        rs = stack.enter_context(RedisServer())
+        one = stack.enter_context(ProxyProcess(rs.url, args(AMQP_PORT, "--routing-key", prefix + ".{event}")))
+        two = stack.enter_context(ProxyProcess(rs.url, args(AMQP_PORT, "--routing-key", prefix + ".{event}")))
+        with RawClient(one.port) as a, RawClient(two.port) as b:
+            assert a.command("key_evt_amqp.route_add", "^user:", prefix + ".u.{key}", TOPIC) == b"OK"
+            wait_for(lambda: b.command("key_evt_amqp.route_list") == [
+                [b"^user:", f"{prefix}.u.{{key}}".encode(), TOPIC.encode()]], 10, message="the route on B")
+            assert b.command("key_evt_amqp.format_set", "json") == b"OK"
+
+            def format_on_a() -> bytes:
+                config = a.command("key_evt_amqp.config_get")
+                return config[config.index(b"event_format") + 1]  # type: ignore[no-any-return]
+            wait_for(lambda: format_on_a() == b"json", 10, message="the format on A")
+            assert b.command("key_evt_amqp.route_clean") == b"OK"
+            wait_for(lambda: a.command("key_evt_amqp.route_list") == [], 10, message="route_clean on A")
