@@ -47,6 +47,7 @@ __all__ = [
     "CLASS_NAMES",
     "FORMATS",
     "MAX_ROUTING_KEY",
+    "PLACEHOLDER",
     "Route",
     "Router",
     "Template",
@@ -67,6 +68,7 @@ Route = tuple[bytes, str, str | None]  # (key mask, routing key template, exchan
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_:/+=@!~,;")
 _ESCAPE = [bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in range(256)]
 _UNSAFE = re.compile(rb"[^A-Za-z0-9\-_:/+=@!~,;]")
+PLACEHOLDER = re.compile(r"\{(db|event|class|key|prefix)\}")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]*)\}")
 _JSON_SPECIAL = re.compile(rb'[^\x20-\x21\x23-\x5b\x5d-\x7e]')  # what JSON must escape, and non-ASCII
 _KEEP = 246  # bytes kept when a key is too long: 246 + "~" + 8 hex = 255

@@ -146,3 +146,17 @@ def test_bodies_follow_the_published_schema() -> None:
         validator.validate(json.loads(body))
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({"db": 0, "event": "set", "ts": 1, "id": "x", "node": "n"})  # no key at all
+
+
+def test_tail_binds_a_pattern_for_a_template_and_reads_json() -> None:
+    from proxy.tail import Seen, binding_key
+
+    assert binding_key("redis.{db}.{event}") == "redis.*.*"
+    assert binding_key("fixed.key") == "fixed.key" and binding_key("a.{nope}") == "a.{nope}"
+    seen = Seen.parse(json_body(b"i", 1, 3, b"del", b"\xff", None, b"n"), "i", "del", {}, "application/json")
+    assert (seen.db, seen.event, seen.key, seen.gap) == (3, "del", b"\xff", None)
+    gap = Seen.parse(json_body(b"g", 1, -1, b"key_evt_amqp.gap", b"x", (5, 6), b"h:1"), "g",
+                     "key_evt_amqp.gap", {}, "application/json")
+    assert (gap.gap, gap.key) == ((5, 6), b"h:1")
+    assert Seen.parse(b"not json", "x", "set", {}, "application/json").event == "?"
+    assert Seen.parse(b"0\nset\nk", "x", "set", {}, "text/plain").key == b"k"
