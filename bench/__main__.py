@@ -49,6 +49,7 @@ SCENARIOS = {
     "latency": command_path.latency,
     "event_path": events.event_path,
     "event_path_tls": amqps_path.event_path_tls,
+    "event_path_format": events.event_path_format,
     "redis_cost": redis_cost.redis_cost,
     "replay": events.replay,
     "memory": redis_cost.memory,
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
-            if name in ("event_path", "event_path_tls", "replay", "redis_cost", "memory") and version is None:
+            if name in ("event_path", "event_path_tls", "event_path_format", "replay", "redis_cost", "memory") and version is None:
                 raise events.EventsUnavailable("RabbitMQ does not answer at 127.0.0.1:5672")
             result = SCENARIOS[name](params)
         except events.EventsUnavailable as exc:

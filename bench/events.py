@@ -8,6 +8,7 @@ body is read back: each key must be there exactly once.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ class EventsUnavailable(Exception):
 EXPECTED = {
     "event_path": {"ratios": ("proxy/ceiling", "proxy/naive"), "values": ("proxy_per_s",)},
     "event_path_tls": {"ratios": ("amqps/amqp", "amqps/amqp_relay"), "values": ("amqps_per_s",)},
+    "event_path_format": {"ratios": ("json/default", "template/default"), "values": ("json_per_s",)},
     "replay": {"ratios": ("replay/ceiling",), "values": ("replay_per_s",)},
     "redis_cost": {"ratios": ("with_events/without",), "values": ()},
     "memory": {"ratios": (), "values": ("idle_mb", "clients_mb", "per_client_kb",
@@ -247,3 +249,64 @@ def replay(p) -> dict:
             "samples": samples, "checks": checks,
             "params": {"events": p.replay_n, "fill": "proxy with --amqp at a closed port, "
                        "then key_evt_amqp.connect 127.0.0.1 5672 through the proxy"}}
+
+
+def json_verify(bodies: list[bytes], expected: list[bytes]) -> dict:
+    """:func:`verify` for JSON bodies (``--format json``): turned back into module bodies."""
+    module = []
+    for body in bodies:
+        try:
+            data = json.loads(body)
+            module.append(b"%d\n%s\n%s" % (data["db"], data["event"].encode(), data["key"].encode()))
+        except (ValueError, KeyError, TypeError):
+            module.append(b"")
+    return verify(module, expected)
+
+
+def event_path_format(p) -> dict:
+    """``event_path`` for the default (module format, fixed key), ``--format json`` and a routing
+    key template (``<queue>.{db}.{event}``, one key per event): rates as ratios to the default,
+    measured in alternation, round by round, in one run."""
+    candidates = {"default": (), "json": ("--format", "json"), "template": ()}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    checks: list[dict] = []
+    with Stack(p.profile_dir, "event_path_format") as st, RawAMQP() as admin:
+        queues = {name: own_queue(admin, name) for name in candidates}
+        admin.bind(queues["template"], EXCHANGE, queues["template"] + ".0.set")
+        try:
+            for r in range(p.rounds):
+                for name, extra in candidates.items():
+                    # A Redis of its own each time: proxies on one Redis form a fleet (one list,
+                    # one lease), and a stopped one's lease would hold the next one back.
+                    redis = st.redis()
+                    key = queues[name] + (".{db}.{event}" if name == "template" else "")
+                    try:
+                        proxy = start_event_proxy(st, redis.port, key, p.amqp_url, *extra)
+                        check_flow(proxy, redis.port, admin, queues[name])
+                    except (Unavailable, EventsUnavailable) as exc:
+                        raise EventsUnavailable(f"{name}: {exc}") from None
+                    expected = keys(f"fmt:{name}:{r}:", p.event_n)
+                    t0 = time.monotonic()
+                    set_keys(redis.port, expected)
+                    rate, _ = deliver(admin, proxy, queues[name], p.event_n, t0)
+                    samples[name].append(rate)
+                    bodies = admin.consume_bodies(queues[name], p.event_n, 60)
+                    check = (json_verify if name == "json" else verify)(bodies, expected)
+                    checks.append({"candidate": name, "round": r, **check})
+                    admin.purge(queues[name])
+                    st.stop(proxy)
+                    st.stop(redis)
+                log(f"round {r + 1}/{p.rounds}: " + ", ".join(
+                    f"{k}={v[-1]:,.0f}/s" for k, v in samples.items() if v))
+        finally:
+            for q in queues.values():
+                admin.delete(q)
+    ratios = {"json/default": paired_ratio(samples["json"], samples["default"]),
+              "template/default": paired_ratio(samples["template"], samples["default"])}
+    values = {f"{name}_per_s": median(v) for name, v in samples.items()}
+    values["all_counts_ok"] = all(c["ok"] for c in checks)
+    return {"available": True, "reason": None, "ratios": ratios, "values": values,
+            "samples": samples, "checks": checks,
+            "params": {"events": p.event_n, "proxy_args": "--keymask ALL --events A; json: --format "
+                       "json; template: --routing-key <queue>.{db}.{event}",
+                       "writer": "pipelined SETs, 2000 per write, straight to Redis"}}

@@ -40,6 +40,7 @@ class Effect(enum.Enum):
 ADMIN_VERBS = frozenset({
     "config_set", "config_get", "config_reset", "connect", "disconnect", "fallback_storage_size_set",
     "keymask_clean", "keymask_add", "keymask_set", "events_set", "info", "fleet",
+    "route_add", "route_list", "route_clean", "format_set",
 })
 
 

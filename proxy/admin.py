@@ -42,7 +42,8 @@ from protocol.keymask import add_masks
 from proxy.config import Config
 from proxy.ratelog import RateLimitedLog
 from proxy.runtime import Change, Runtime
-from proxy.settings import apply_module_args, module_arg_fields
+from protocol.routing import FORMATS
+from proxy.settings import apply_module_args, module_arg_fields, parse_route
 
 
 class BarrierOwner(Protocol):
@@ -62,7 +63,7 @@ log = logging.getLogger("key_evt_amqp.admin")
 _refusals = RateLimitedLog(log)
 
 #: Our commands that only read: they need the authority to run ``INFO`` (the others: ``CONFIG SET``).
-READ_VERBS = frozenset({"info", "config_get", "fleet"})
+READ_VERBS = frozenset({"info", "config_get", "fleet", "route_list"})
 
 Reply = bytes | Awaitable[bytes]
 Handler = Callable[["Runtime", str, list[bytes], bool], Reply]
@@ -372,6 +373,40 @@ def _events_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
     return runtime.change(Change(("events",), lambda config: replace(config, events=spec)))
 
 
+def _route_add(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
+    if len(args) not in (2, 3):
+        return _arity(name)
+    try:
+        route = parse_route(args)
+    except ValueError as exc:
+        return replies.error(f"ERR {exc}")
+    # Appended to the fleet's newest routes (as keymask_add): the first match wins, so order counts.
+    return runtime.change(Change(("routes",), lambda config: replace(
+        config, routes=(*(r for r in config.routes if r != route), route))))
+
+
+def _route_clean(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
+    if args:
+        return _arity(name)
+    return runtime.change(Change(("routes",), lambda config: replace(config, routes=())))
+
+
+def _route_list(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
+    """One array per route, in matching order: mask, routing key, exchange (nil: ``--exchange``)."""
+    if args:
+        return _arity(name)
+    return replies.encode([list(route) for route in runtime.config.routes], resp3=resp3)
+
+
+def _format_set(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
+    if len(args) != 1:
+        return _arity(name)
+    fmt = args[0].decode("utf-8", "replace").lower()
+    if fmt not in FORMATS:
+        return replies.error("ERR format must be module or json")
+    return runtime.change(Change(("event_format",), lambda config: replace(config, event_format=fmt)))
+
+
 def _fleet(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> Reply:
     if args:
         return _arity(name)
@@ -390,6 +425,7 @@ def _config_get(runtime: Runtime, name: str, args: list[bytes], resp3: bool) -> 
     values: dict[str, object] = {key: _plain(value) for key, value in runtime.config.masked().items()}
     # Each mask its own bulk string, bytes as given: joined, "a b" + "c" would read as "a" + "b c".
     values["keymasks"] = list(runtime.config.keymasks)
+    values["routes"] = [list(route) for route in runtime.config.routes]  # as route_list
     # One field more, last: where each value came from (default, file, env, flag, command), as a
     # map inside the map; a client reading the settings by name sees them as before.
     values["origins"] = runtime.settings.origins()
@@ -437,5 +473,9 @@ HANDLERS: dict[str, Handler] = {
     "keymask_add": _keymask_add,
     "keymask_set": _keymask_set,
     "events_set": _events_set,
+    "route_add": _route_add,
+    "route_list": _route_list,
+    "route_clean": _route_clean,
+    "format_set": _format_set,
     "info": _info,
 }

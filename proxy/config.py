@@ -132,6 +132,13 @@ class Config:
     exchange: str = "amq.direct"
     routing_key: str = "redis_keyspace_events"
     delivery_mode: int = 1  # 1 non-persistent, 2 persistent
+    # Routing by event and the message format (protocol/routing.py): routing_key may be a
+    # template; routes are (key mask, routing key template, exchange or None: `exchange`), the
+    # first match wins; prefix_separator ends {prefix}; event_format "module" (the module's body,
+    # byte for byte) or "json".
+    routes: tuple[tuple[bytes, str, str | None], ...] = ()
+    prefix_separator: bytes = b":"
+    event_format: str = "module"
 
     # Fallback list: > 0 keeps at most that many events (oldest dropped), 0 unlimited, < 0 off.
     fallback_size: int = 10_000_000
@@ -205,7 +212,19 @@ class Config:
                 value = [f"{host}:{port}" for host, port in value]
             elif name == "keymasks":
                 value = [m.decode("utf-8", "backslashreplace") for m in value]
+            elif name == "routes":
+                value = [route_text(route) for route in value]
             elif isinstance(value, bytes):
                 value = value.decode("utf-8", "backslashreplace")
             values[name] = value
         return values
+
+
+def route_text(route: tuple[bytes, str, str | None]) -> str:
+    """One route as ``route_add`` takes it: ``MASK ROUTING_KEY [EXCHANGE]`` (the mask's bytes
+    that are not UTF-8 as ``\\xHH``)."""
+    mask, routing_key, exchange = route
+    text = f"{mask.decode('utf-8', 'backslashreplace')} {routing_key}"
+    if exchange is None:
+        return text
+    return f"{text} {exchange}" if exchange else text + " ''"  # '': the default exchange

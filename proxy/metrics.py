@@ -88,6 +88,10 @@ COUNTERS: tuple[CounterSpec, ...] = (
     _c("events_own_keys", "events_own_keys_total", "events of fallback list keys (never forwarded)"),
     _c("events_accepted", "events_accepted_total", "events (and gap markers) taken by the pipeline"),
     _c("events_published", "events_published_total", "messages sent to the broker (replays included)"),
+    _c("events_routed", "events_routed_total", "messages published with a route chosen per event "
+       "(routing key template, --route, or --format json)"),
+    _c("events_json", "events_json_total", "messages published in the JSON format"),
+    _c("routing_keys_truncated", "routing_keys_truncated_total", "routing keys cut to 255 bytes (+ ~hash)"),
     _c("events_confirmed", "events_confirmed_total", "messages the broker confirmed (ack)"),
     _c("events_nacked", "events_nacked_total", "messages the broker refused (nack): stored again"),
     _c("events_returned", "events_returned_total", "messages returned unroutable (no queue bound): stored again"),
@@ -155,6 +159,9 @@ class Metrics:
     events_own_keys: int
     events_accepted: int
     events_published: int
+    events_routed: int
+    events_json: int
+    routing_keys_truncated: int
     events_confirmed: int
     events_nacked: int
     events_returned: int

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from protocol.events import CLASS_LETTERS, parse_classes
 from protocol.integers import LLONG_MAX, LLONG_MIN, string2ll
 from protocol.keymask import normalize_masks
+from protocol.routing import FORMATS, check_template
 from protocol.requests import UnbalancedQuotes, split_args
 from proxy.amqp_tls import client_context
 from proxy.amqp_url import parse_amqp_urls, read_secret
@@ -122,6 +123,12 @@ def _short_string(text: str) -> str:
     # AMQP short strings (exchange, routing key) hold at most 255 bytes.
     if len(text.encode()) > 255:
         raise ValueError("longer than 255 bytes")
+    return text
+
+
+def _format(text: str) -> str:
+    if text not in FORMATS:
+        raise ValueError("expected module or json")
     return text
 
 
@@ -394,8 +401,17 @@ _OPTIONS = {
                 _field("heartbeat", _heartbeat), _shown("heartbeat")),
         _Option("exchange", "NAME", "exchange events are published to (never declared)",
                 _field("exchange", _short_string), _shown("exchange")),
-        _Option("routing-key", "KEY", "routing key of every message",
-                _field("routing_key", _short_string), _shown("routing_key")),
+        _Option("routing-key", "KEY", "routing key of every message, or a template with {db} "
+                "{event} {class} {key} {prefix} (escaped, cut to 255 bytes: README)",
+                _field("routing_key", check_template), _shown("routing_key")),
+        _Option("route", "'MASK KEY [EXCHANGE]'", "keys matching MASK get this routing key "
+                "(template) and exchange; repeat the flag for more; the first match wins",
+                None, lambda c: "none"),
+        _Option("prefix-separator", "SEP", "where {prefix} ends in a key",
+                _field("prefix_separator", lambda t: _nonempty(_key_bytes(t))), lambda c: ":"),
+        _Option("format", "module|json", "message body: module (the module's, byte for byte) or "
+                "json (application/json, docs/event.schema.json)",
+                _field("event_format", _format), _shown("event_format")),
         _Option("delivery-mode", "1|2", "1 non-persistent, 2 persistent",
                 _field("delivery_mode", _delivery_mode), _shown("delivery_mode")),
         _Option("fallback-size", "N", "fallback list size: > 0 cap (oldest dropped), 0 unlimited, "
@@ -474,7 +490,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 #: Flags that may be given more than once (a list in the TOML file).
-_REPEATED = ("keymask", "amqp")
+_REPEATED = ("keymask", "amqp", "route")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -516,6 +532,8 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, _Entry]:
         if name != "config" and variable in environ:
             text = environ[variable]
             value: object = (text.split(",") if text else []) if name == "keymask" else text
+            if name == "route":  # routes hold blanks and commas: one per line
+                value = [line for line in text.splitlines() if line.strip()]
             entries[name] = (("", variable), value)
     return entries
 
@@ -543,7 +561,7 @@ def _from_file(path: str) -> dict[str, _Entry]:
             value = str(value)
         elif isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ConfigError(f"{path}: invalid {key}: expected a string or a number")
-        elif key == "keymask":
+        elif key in ("keymask", "route"):
             value = [value]
         else:
             value = str(value)
@@ -571,6 +589,12 @@ def _build(layers: Mapping[str, _Entry], ranks: Mapping[str, int]) -> Config:
             masks = raw  # a list of str, whatever the source
             changes["keymasks"] = normalize_masks(_key_bytes(m) for m in masks)  # type: ignore  # the TOML/env value was checked to be a list of strings
             origins["keymasks"] = _source(prefix, label)
+        elif name == "route":
+            try:
+                changes["routes"] = tuple(parse_route(split_module_args(r)) for r in raw)  # type: ignore[attr-defined]  # a list of str, whatever the source
+            except ValueError as exc:
+                raise ConfigError(f"{prefix}invalid {label}: {exc}") from None
+            origins["routes"] = _source(prefix, label)
         elif option.convert is not None:
             try:
                 converted = option.convert(raw)  # type: ignore[arg-type]  # option tables map names to converters of mixed value types
@@ -634,7 +658,7 @@ _POSITIONS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("password", "amqp_password", str),
     ("heartbeat", "heartbeat", _heartbeat),
     ("exchange_name", "exchange", _short_string),
-    ("routing_key", "routing_key", _short_string),
+    ("routing_key", "routing_key", check_template),
     ("delivery_mode", "delivery_mode", _delivery_mode),
     ("fallback_storage_size", "fallback_size", _fallback_size),
 )
@@ -643,10 +667,26 @@ _POSITIONS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
 #: The settings our commands change (``config_set``/``connect`` positions, ``events_set``, the
 #: ``keymask_*`` commands, ``fallback_storage_size_set``): what a fleet of proxies shares through
 #: Redis (proxy/fleet/shared_config.py). Everything else is fixed at start.
-COMMAND_SETTINGS: tuple[str, ...] = (*(name for _, name, _ in _POSITIONS), "events", "keymasks")
+COMMAND_SETTINGS: tuple[str, ...] = (*(name for _, name, _ in _POSITIONS), "events", "keymasks",
+                                     "routes", "event_format")
 
 _PARSERS: dict[str, Callable[[str], object]] = {
-    **{name: parse for _, name, parse in _POSITIONS}, "events": _events}
+    **{name: parse for _, name, parse in _POSITIONS}, "events": _events, "event_format": _format}
+
+
+def parse_route(args: Sequence[bytes]) -> tuple[bytes, str, str | None]:
+    """``MASK ROUTING_KEY [EXCHANGE]`` (``route_add``'s arguments, a ``--route``'s words) as a
+    route. Raises ValueError: the reason."""
+    if len(args) not in (2, 3):
+        raise ValueError("a route is MASK ROUTING_KEY [EXCHANGE]")
+    try:
+        texts = [bytes(a).decode("utf-8") for a in args[1:]]
+    except UnicodeDecodeError:
+        raise ValueError("the routing key and exchange must be UTF-8") from None
+    check_template(texts[0])
+    if len(texts) == 2:
+        _short_string(texts[1])
+    return bytes(args[0]), texts[0], texts[1] if len(texts) == 2 else None
 
 
 def parse_setting(name: str, text: str) -> object:

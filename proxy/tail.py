@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import fnmatch
 import json
 import os
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from protocol.routing import PLACEHOLDER
 from proxy import settings
 from proxy.config import Config
 
@@ -95,7 +97,10 @@ class Seen:
     headers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, body: bytes, message_id: str | None, kind: str | None, headers: dict[str, Any]) -> Seen:
+    def parse(cls, body: bytes, message_id: str | None, kind: str | None, headers: dict[str, Any],
+              content_type: str | None = None) -> Seen:
+        if content_type == "application/json":  # --format json (docs/event.schema.json)
+            return cls._parse_json(body, message_id, headers)
         db_text, _, rest = body.partition(b"\n")
         event, _, key = rest.partition(b"\n")
         try:
@@ -106,6 +111,26 @@ class Seen:
         if kind == GAP_TYPE:
             gap = (int(headers.get("gap_start_ms", 0)), int(headers.get("gap_end_ms", 0)))
         return cls(db, event.decode("utf-8", "backslashreplace"), key, message_id or "", gap, headers)
+
+    @classmethod
+    def _parse_json(cls, body: bytes, message_id: str | None, headers: dict[str, Any]) -> Seen:
+        try:
+            data = json.loads(body)
+            if "gap" in data:
+                gap = data["gap"]
+                return cls(-1, GAP_TYPE, str(gap["node"]).encode(), message_id or "",
+                           (int(gap["start_ms"]), int(gap["end_ms"])), headers)
+            key = data["key"].encode() if "key" in data else base64.b64decode(data["key_b64"])
+            return cls(int(data["db"]), str(data["event"]), key, message_id or "", None, headers)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls(-1, "?", body, message_id or "", None, headers)  # not ours: shown raw
+
+
+def binding_key(routing_key: str) -> str:
+    """What tail binds: the routing key, or for a template (``redis.{db}.{event}``) the topic
+    pattern with one word per placeholder (``redis.*.*``: a topic exchange is needed; events
+    that ``--route`` sends elsewhere are not seen)."""
+    return PLACEHOLDER.sub("*", routing_key)
 
 
 @dataclass(frozen=True)
@@ -172,7 +197,8 @@ class Tail:
 
     async def on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         props = message.header.properties
-        seen = Seen.parse(message.body, props.message_id, props.message_type, dict(props.headers or {}))
+        seen = Seen.parse(message.body, props.message_id, props.message_type, dict(props.headers or {}),
+                          props.content_type)
         self.received += 1
         if not self.filters.keep(seen):
             return
@@ -205,11 +231,11 @@ class Tail:
             channel = await connection.channel()
             declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
             queue = declared.queue or ""
-            await channel.queue_bind(queue, c.exchange, routing_key=c.routing_key)
+            await channel.queue_bind(queue, c.exchange, routing_key=binding_key(c.routing_key))
             await channel.basic_qos(prefetch_count=PREFETCH)
             await channel.basic_consume(queue, self.on_message, no_ack=True)
             err.write(f"key-evt-amqp tail: queue {queue} bound to exchange {c.exchange!r} with routing key "
-                      f"{c.routing_key!r} on {_shown(c)}; Ctrl-C to stop\n")
+                      f"{binding_key(c.routing_key)!r} on {_shown(c)}; Ctrl-C to stop\n")
             err.flush()
             self.started = time.monotonic()
             lost = connection.closing

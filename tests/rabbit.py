@@ -30,6 +30,7 @@ class Message:
     delivery_mode: int | None
     timestamp: Any
     headers: dict[str, Any] = field(default_factory=dict)
+    routing_key: str = ""
 
 
 def is_restart_gap(m: Message) -> bool:
@@ -46,13 +47,17 @@ class RabbitQueue:
     ``arguments`` are extra queue arguments, e.g. ``{"x-max-length": 0, "x-overflow":
     "reject-publish"}`` for a queue whose broker nacks every publish."""
 
-    def __init__(self, url: str = URL, arguments: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str = URL, arguments: dict[str, Any] | None = None,
+                 exchange: str = EXCHANGE, binding: str | None = None) -> None:
+        """``exchange``/``binding``: bind to another exchange (``amq.topic``) with this key or
+        pattern instead of ``amq.direct`` with :attr:`routing_key`."""
         token = uuid.uuid4().hex[:12]
         self.url = url
         self.arguments = {"x-expires": QUEUE_TTL_MS, **(arguments or {})}
         self.name = f"kea-test-{token}"
         self.routing_key = f"kea-rk-{token}"
-        self.exchange = EXCHANGE
+        self.exchange = exchange
+        self.binding = self.routing_key if binding is None else binding
 
     def __enter__(self) -> RabbitQueue:
         _run(self._declare())
@@ -66,7 +71,7 @@ class RabbitQueue:
         try:
             ch = await conn.channel()
             await ch.queue_declare(self.name, arguments=self.arguments)
-            await ch.queue_bind(self.name, self.exchange, routing_key=self.routing_key)
+            await ch.queue_bind(self.name, self.exchange, routing_key=self.binding)
         finally:
             await conn.close()
 
@@ -108,7 +113,8 @@ class RabbitQueue:
             def on_message(msg: aiormq.abc.DeliveredMessage) -> None:
                 p = msg.header.properties
                 messages.append(Message(msg.body, p.message_id, p.message_type, p.app_id, p.content_type,
-                                        p.delivery_mode, p.timestamp, dict(p.headers or {})))
+                                        p.delivery_mode, p.timestamp, dict(p.headers or {}),
+                                        msg.delivery.routing_key))
                 got.set()
 
             await ch.basic_consume(self.name, on_message, no_ack=True)

@@ -13,6 +13,10 @@ No I/O here. Three pure pieces:
       KEA1 <message_id> <timestamp_ms>\\n<db>\\n<event>\\n<key>
       KEA1 <message_id> <timestamp_ms> gap <start_ms> <end_ms>\\n-1\\nkey_evt_amqp.gap\\n<source>
 
+  With routing by event or the JSON format in use, a published event's entry ends its first line
+  with `` !route=<exchange hex>,<routing key hex>,<module|json>``: a replay goes where the first
+  attempt went, in the same format (the JSON body is recomputed from the stored fields: the same).
+
   An entry without the ``KEA1 `` prefix is a bare module body (``<db>\\n<event>\\n<key>``, the C
   module's format, e.g. a backlog left by it): it is published with a new id derived from its bytes.
 """
@@ -43,11 +47,14 @@ GAP_TYPE = b"key_evt_amqp.gap"
 ENTRY_MAGIC = b"KEA1 "
 
 _CONTENT_TYPE = b"\x0atext/plain"
+_CONTENT_JSON = b"\x10application/json"
+ROUTE_FIELD = b"!route="
 _APP_ID = bytes((len(APP_ID),)) + APP_ID
 # Basic properties present, by bit: content-type 15, headers 13, delivery-mode 12, message-id 7,
 # timestamp 6, type 5, app-id 3 (AMQP 0-9-1, "basic" class).
 _FLAGS = 0x8000 | 0x2000 | 0x1000 | 0x0080 | 0x0040 | 0x0020 | 0x0008
 _FRAME_END = b"\xce"
+METHOD_CACHE = 4096  # routed basic.publish method frames kept per encoder; full: cleared
 _BODY_FORM = re.compile(rb"\A-?[0-9]+\n[^\n]*\n", re.DOTALL)
 
 _pack_frame_head = struct.Struct(">BHI").pack
@@ -66,7 +73,8 @@ class Event:
     mode), ``extra`` the same pairs already encoded as AMQP table entries (:func:`encode_headers`).
     """
 
-    __slots__ = ("message_id", "timestamp_ms", "db", "name", "body", "gap", "headers", "extra", "seq")
+    __slots__ = ("message_id", "timestamp_ms", "db", "name", "body", "gap", "headers", "extra", "seq",
+                 "route")
 
     def __init__(self, message_id: bytes, timestamp_ms: int, db: int, name: bytes, body: bytes,
                  gap: tuple[int, int] | None = None,
@@ -80,6 +88,9 @@ class Event:
         self.headers = headers
         self.extra = encode_headers(headers) if extra is None else extra
         self.seq = 0  # the pipeline's count when it accepted the event (0: never accepted)
+        # (exchange, routing key, format b"module"|b"json") chosen at the first routed publish
+        # (protocol/routing.py) and kept in the fallback list; None: the plain settings
+        self.route: tuple[bytes, bytes, bytes] | None = None
 
     @classmethod
     def keyspace(cls, message_id: bytes, timestamp_ms: int, db: int, name: bytes, key: bytes,
@@ -124,7 +135,7 @@ class FrameEncoder:
     ``mandatory`` is always set: an unroutable message comes back as ``basic.return``.
     """
 
-    __slots__ = ("_method", "_channel", "_max_body", "_delivery_mode")
+    __slots__ = ("_method", "_channel", "_max_body", "_delivery_mode", "_methods")
 
     def __init__(self, channel: int, exchange: str, routing_key: str, delivery_mode: int,
                  frame_max: int = 131072) -> None:
@@ -138,9 +149,28 @@ class FrameEncoder:
         self._channel = channel
         self._max_body = frame_max - 8 if frame_max else 1 << 30  # frame header 7 + end 1
         self._delivery_mode = bytes((delivery_mode,))
+        self._methods: dict[tuple[bytes, bytes], bytes] = {}  # routed method frames, at most METHOD_CACHE
 
     def encode(self, event: Event) -> bytes:
         """The frames of one publish, ready to write to the socket."""
+        return self._frames(self._method, event, _CONTENT_TYPE, event.body)
+
+    def encode_routed(self, event: Event, exchange: bytes, routing_key: bytes, body: bytes | None) -> bytes:
+        """The frames of one publish to ``exchange`` with ``routing_key``; ``body`` is the JSON
+        body (``application/json``), None for the module's body."""
+        method = self._methods.get((exchange, routing_key))
+        if method is None:
+            if len(self._methods) >= METHOD_CACHE:
+                self._methods.clear()
+            payload = (b"\x00\x3c\x00\x28\x00\x00" + bytes((len(exchange),)) + exchange
+                       + bytes((len(routing_key),)) + routing_key + b"\x01")
+            method = _pack_frame_head(1, self._channel, len(payload)) + payload + _FRAME_END
+            self._methods[(exchange, routing_key)] = method
+        if body is None:
+            return self._frames(method, event, _CONTENT_TYPE, event.body)
+        return self._frames(method, event, _CONTENT_JSON, body)
+
+    def _frames(self, method: bytes, event: Event, content_type: bytes, body: bytes) -> bytes:
         if event.gap is None:
             table = (b"\x02dbI" + _pack_i32(event.db) + b"\x05eventS" + _pack_u32(len(event.name))
                      + event.name)
@@ -152,14 +182,13 @@ class FrameEncoder:
         mid = event.message_id
         name = event.name[:255]
         props = b"".join((
-            _CONTENT_TYPE, _pack_u32(len(table)), table, self._delivery_mode,
+            content_type, _pack_u32(len(table)), table, self._delivery_mode,
             bytes((len(mid),)), mid, _pack_u64(event.timestamp_ms // 1000),
             bytes((len(name),)), name, _APP_ID,
         ))
-        body = event.body
         header = _pack_header_head(60, 0, len(body), _FLAGS) + props
         channel = self._channel
-        parts = [self._method, _pack_frame_head(2, channel, len(header)), header, _FRAME_END]
+        parts = [method, _pack_frame_head(2, channel, len(header)), header, _FRAME_END]
         step = self._max_body
         for start in range(0, len(body), step):
             chunk = body[start:start + step]
@@ -174,6 +203,9 @@ def dump_entry(event: Event) -> bytes:
         head += b" gap %d %d" % event.gap
     for name, value in event.headers:
         head += b" %b=%b" % (name, value)
+    if event.route is not None:
+        head += b" " + ROUTE_FIELD + b"%b,%b,%b" % (event.route[0].hex().encode(), event.route[1].hex().encode(),
+                                            event.route[2])
     return head + b"\n" + event.body
 
 
@@ -203,9 +235,17 @@ def load_entry(entry: bytes, now_ms: int) -> Event | None:
             return None
         if len(fields) not in (2, 5) or not message_id or len(message_id) > 255:
             return None
-        if headers:
-            return Event(message_id, timestamp_ms, *_split_body(body), gap, tuple(headers)) \
-                if _BODY_FORM.match(body) else None
+        route = None
+        if headers and headers[-1][0] == ROUTE_FIELD[:-1]:
+            route = _load_route(headers.pop()[1])
+            if route is None:
+                return None
+        if headers or route is not None:
+            if not _BODY_FORM.match(body):
+                return None
+            event = Event(message_id, timestamp_ms, *_split_body(body), gap, tuple(headers))
+            event.route = route
+            return event
     else:
         body = entry
         message_id = b"legacy-" + hashlib.sha1(entry).hexdigest()[:24].encode()
@@ -214,6 +254,19 @@ def load_entry(entry: bytes, now_ms: int) -> Event | None:
     if not _BODY_FORM.match(body):
         return None
     return Event(message_id, timestamp_ms, *_split_body(body), gap)
+
+
+def _load_route(text: bytes) -> tuple[bytes, bytes, bytes] | None:
+    parts = text.split(b",")
+    if len(parts) != 3 or parts[2] not in (b"module", b"json"):
+        return None
+    try:
+        exchange, routing_key = bytes.fromhex(parts[0].decode()), bytes.fromhex(parts[1].decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if len(exchange) > 255 or len(routing_key) > 255:
+        return None
+    return exchange, routing_key, parts[2]
 
 
 def _split_body(body: bytes) -> tuple[int, bytes, bytes]:

@@ -42,6 +42,7 @@ from proxy.errors import check_cancelled
 from proxy.events.amqp_wire import CHANNEL, ConfirmLink, LinkListener, open_link
 from proxy.events.errors import BrokerError
 from proxy.events.message import Event, FrameEncoder
+from protocol.routing import Router, json_body
 from proxy.live import LiveConfig
 from proxy.metrics import Metrics
 from proxy.ratelog import RateLimitedLog
@@ -111,6 +112,8 @@ class AmqpPublisher:
         self._tls: tuple[tuple[object, ...], ssl.SSLContext | None] | None = None
         self._link: ConfirmLink | None = None
         self._encoder: FrameEncoder | None = None
+        self._router: Router | None = None  # None: every event takes the plain settings (fast path)
+        self._node = b""
         self._frame_max = 131072
         self._pending: deque[tuple[Event, Any, int, float]] = deque()
         self._first_tag = 1  # delivery tag of _pending[0]
@@ -148,7 +151,12 @@ class AmqpPublisher:
 
     def _make_encoder(self) -> FrameEncoder:
         c = self.live.current
-        return FrameEncoder(CHANNEL, c.exchange, c.routing_key, c.delivery_mode, self._frame_max)
+        self._node = c.upstream.name.encode()  # a JSON body's node outside cluster mode
+        router = Router(c.exchange, c.routing_key, c.routes, c.event_format, c.prefix_separator)
+        self._router = None if router.plain else router
+        # A template's text is no routing key: the plain encoder gets a placeholder it never uses.
+        return FrameEncoder(CHANNEL, c.exchange, c.routing_key if router.plain else "", c.delivery_mode,
+                            self._frame_max)
 
     def ensure_connected(self) -> None:
         """Lazy connect: start connecting if idle (not after ``disconnect``)."""
@@ -166,9 +174,33 @@ class AmqpPublisher:
         assert encoder is not None and self.state is BrokerState.READY
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(encoder.encode(event))
+        if self._router is None and event.route is None:
+            self._out.append(encoder.encode(event))
+        else:
+            self._out.append(self._encode_routed(encoder, event))
         self._pending.append((event, batch, index, self._now()))
         self.metrics.events_published += 1
+
+    def _encode_routed(self, encoder: FrameEncoder, event: Event) -> bytes:
+        """The frames of an event with a route of its own: the one it was first sent with (kept
+        in the fallback list), else the one the settings in force give it, kept on the event."""
+        route = event.route
+        if route is None:
+            router = self._router
+            assert router is not None
+            key = event.body.split(b"\n", 2)[2]
+            exchange, routing_key, cut = router.route(event.db, event.name, key, event.gap is not None)
+            if cut:
+                self.metrics.routing_keys_truncated += 1
+            route = event.route = (exchange, routing_key, b"json" if router.json else b"module")
+        self.metrics.events_routed += 1
+        body = None
+        if route[2] == b"json":
+            self.metrics.events_json += 1
+            node = (dict(event.headers).get(b"node") if event.headers else None) or self._node
+            body = json_body(event.message_id, event.timestamp_ms, event.db, event.name,
+                             event.body.split(b"\n", 2)[2], event.gap, node)
+        return encoder.encode_routed(event, route[0], route[1], body)
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()

@@ -3,7 +3,8 @@
 One field per setting a command set, named after the :class:`~proxy.config.Config` field (the
 names in :data:`proxy.settings.COMMAND_SETTINGS`), holding a string as UTF-8, an integer in
 decimal, the key masks as netstrings (``3:a b,1:c,``: any bytes, and ``a b`` + ``c`` stays apart
-from ``a`` + ``b c``); ``amqp_enabled`` (``1`` / ``0``) and ``version`` (a decimal count of changes).
+from ``a`` + ``b c``), the routes as three netstrings each (mask, routing key, ``=exchange`` or
+empty for ``--exchange``); ``amqp_enabled`` (``1`` / ``0``) and ``version`` (a decimal count of changes).
 Reading checks each field as the command that sets it checks its argument; a field that fails is
 named in :attr:`SharedState.problems` (the amqp password's value never is) and left out.
 """
@@ -16,7 +17,7 @@ from typing import cast
 
 from protocol.integers import string2ll
 from protocol.keymask import normalize_masks
-from proxy.settings import COMMAND_SETTINGS, parse_setting
+from proxy.settings import COMMAND_SETTINGS, parse_route, parse_setting
 
 __all__ = ["ENABLED", "VERSION", "SharedState", "decode", "encode", "encode_enabled", "version_of"]
 
@@ -47,6 +48,12 @@ def encode(values: Mapping[str, object]) -> dict[bytes, bytes]:
         if name == "keymasks":
             masks = cast("tuple[bytes, ...]", value)
             fields[b"keymasks"] = b"".join(b"%d:%s," % (len(mask), mask) for mask in masks)
+        elif name == "routes":
+            # three netstrings per route: mask, routing key, "" (no exchange: --exchange) or "=" + exchange
+            routes = cast("tuple[tuple[bytes, str, str | None], ...]", value)
+            parts = [part for mask, key, exchange in routes
+                     for part in (mask, key.encode(), b"" if exchange is None else b"=" + exchange.encode())]
+            fields[b"routes"] = b"".join(b"%d:%s," % (len(part), part) for part in parts)
         else:
             fields[name.encode()] = str(value).encode()
     return fields
@@ -78,6 +85,8 @@ def decode(fields: Mapping[bytes, bytes]) -> SharedState:
                 enabled = raw == b"1"
             elif name == "keymasks":
                 values[name] = normalize_masks(_load_masks(raw))
+            elif name == "routes":
+                values[name] = _load_routes(raw)
             elif name in COMMAND_SETTINGS:
                 values[name] = parse_setting(name, raw.decode("utf-8"))
             else:
@@ -101,6 +110,19 @@ def _load_masks(data: bytes) -> list[bytes]:
         masks.append(data[colon + 1:end])
         at = end + 1
     return masks
+
+
+def _load_routes(data: bytes) -> tuple[tuple[bytes, str, str | None], ...]:
+    parts = _load_masks(data)
+    if len(parts) % 3:
+        raise ValueError("expected three netstrings per route")
+    routes = []
+    for at in range(0, len(parts), 3):
+        mask, key, exchange = parts[at:at + 3]
+        if exchange and not exchange.startswith(b"="):
+            raise ValueError("a route's exchange starts with '='")
+        routes.append(parse_route([mask, key] + ([exchange[1:]] if exchange else [])))
+    return tuple(routes)
 
 
 def _quote(raw: bytes) -> str:

@@ -9,6 +9,7 @@ in front of the Redis on 6379). The broker is the shared RabbitMQ, as in the REA
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness import REPO_ROOT, ProxyProcess, RedisServer, free_port, wait_for
+from rabbit import RabbitQueue
 
 README = (REPO_ROOT / "README.md").read_text()
 BLOCK = re.compile(r"(<!-- example: ([^>]*?) -->\n)?```sh\n(.*?)```", re.DOTALL)
@@ -75,7 +77,7 @@ def test_every_sh_block_is_marked() -> None:
     unmarked = [body.splitlines()[0] for marker, _, body in blocks if not marker]
     assert not unmarked, f"README sh blocks without an example marker: {unmarked}"
     run_here = {name for _, name, _ in blocks if not name.startswith("not run here")}
-    assert run_here == {"quickstart", "serve", "module-args", "watching", "monitoring"}
+    assert run_here == {"quickstart", "serve", "module-args", "watching", "monitoring", "routing"}
 
 
 def test_quick_start_as_written(private_redis: RedisServer) -> None:
@@ -180,3 +182,31 @@ def test_watching_and_monitoring_examples(private_redis: RedisServer) -> None:
                 assert out == "ok\n"
             else:
                 assert '"ready": true' in out and '"redis": true' in out, out
+
+
+def test_routing_example(private_redis: RedisServer) -> None:
+    """The routing section's example as written, with queues bound to amq.topic by pattern (a
+    catch-all for the rest of the example's keys: messages are mandatory)."""
+    serve, add, listing, volatile, other = examples()["routing"]
+    port = free_port()
+    argv = command(serve, port, private_redis.url)
+    assert "redis://127.0.0.1:6379/0" not in argv
+    with RabbitQueue(exchange="amq.topic", binding="users.user.*") as users, \
+            RabbitQueue(exchange="amq.topic", binding="redis.0.set") as plain:
+        proxy = subprocess.Popen(argv, cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: run(["redis-cli", "-p", str(port), "ping"]).strip() == "PONG", 15, message="serve")
+            assert run(command(add, port, private_redis.url)).strip() == "OK"
+            assert run(command(listing, port, private_redis.url)).split() == [
+                "^session:", "sessions.{event}", "^user:", "users.{prefix}.{event}"]
+            run(command(volatile, port, private_redis.url))
+            run(command(other, port, private_redis.url))
+            got_users = users.drain(expected=3, timeout=20)
+            got_plain = plain.drain(expected=1, timeout=20)
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            proxy.communicate(timeout=15)
+    assert [m.routing_key for m in got_users] == ["users.user.set", "users.user.expire", "users.user.expired"]
+    assert [json.loads(m.body)["key"] for m in got_users] == ["user:1"] * 3
+    assert [(m.routing_key, json.loads(m.body)["event"]) for m in got_plain] == [("redis.0.set", "set")]

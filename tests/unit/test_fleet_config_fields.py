@@ -20,13 +20,15 @@ EDGE = Config(
     amqp_host="broker-2.example", amqp_port=65535, amqp_user="ü ser:@/", amqp_password="p a:s@s,w\u00f6rd",
     heartbeat=0, exchange="", routing_key="r" * 255, delivery_mode=2, fallback_size=LLONG_MIN,
     events="", keymasks=(b"", b"a b", b"3:x,", b"\xff\x00\r\n", b":", b","),
+    routes=((b"\xff a,", "r.{key}", None), (b"", "{db}.{event}", ""), (b"^x", "x", "amq.topic")),
+    event_format="json",
 )
 
 
 def test_every_command_setting_is_shared() -> None:
     assert set(COMMAND_SETTINGS) == {
         "amqp_host", "amqp_port", "amqp_user", "amqp_password", "heartbeat", "exchange",
-        "routing_key", "delivery_mode", "fallback_size", "events", "keymasks"}
+        "routing_key", "delivery_mode", "fallback_size", "events", "keymasks", "routes", "event_format"}
 
 
 @pytest.mark.parametrize("config", [Config(), EDGE, replace(EDGE, fallback_size=LLONG_MAX, events="A")],
