@@ -28,6 +28,8 @@ instances in the pipeline), never exceptions. Failing to connect is the ``OSErro
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["check_cancelled", "CommandError", "ConfigError", "ProxyError", "SentinelError", "TopologyError"]
 
@@ -62,3 +64,18 @@ def check_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+STOP_WAIT = 2.0  # seconds a stop waits for a cancelled task
+
+
+async def stopped(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Wait for cancelled ``tasks`` to end, at most :data:`STOP_WAIT` (a cancellation lost by
+    ``wait_for``, see :func:`check_cancelled`, must not hang a stop)."""
+    tasks = list(tasks)
+    pending = {t for t in tasks if not t.done()}
+    if pending:
+        await asyncio.wait(pending, timeout=STOP_WAIT)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure was logged where it happened

@@ -39,7 +39,7 @@ from protocol.commands import encode_command
 from proxy.cluster.topology import Address, query
 from proxy.config import RedisAddress
 from proxy.connect import open_redis_streams, set_locator, tls_reason
-from proxy.errors import SentinelError, check_cancelled
+from proxy.errors import SentinelError, check_cancelled, stopped
 
 __all__ = ["SentinelWatch"]
 
@@ -128,7 +128,7 @@ class SentinelWatch:
         tasks = [*self._tasks, *self._jobs]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stopped(tasks)
 
     async def locate(self, timeout: float) -> RedisAddress:
         """The current master (for :func:`proxy.connect.open_redis`)."""

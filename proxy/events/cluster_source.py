@@ -30,7 +30,7 @@ import hiredis
 from protocol.events import notify_flags_update, parse_classes
 from proxy.cluster.topology import Address, SlotMap, Topology, query
 from proxy.config import RedisAddress
-from proxy.errors import check_cancelled
+from proxy.errors import check_cancelled, stopped
 from proxy.events.flags import ensure_notify_flags
 from proxy.events.node_source import NodeSource, node_name
 from proxy.events.redis_link import RedisLink
@@ -137,7 +137,7 @@ class ClusterSources:
             self.topology.listeners.remove(self._wake.set)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stopped(self._tasks)
         await asyncio.gather(*(s.stop() for s in [*self.sources.values(), *self._retired]),
                              return_exceptions=True)
 

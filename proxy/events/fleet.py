@@ -41,7 +41,7 @@ from typing import Any
 
 import hiredis
 
-from proxy.errors import check_cancelled
+from proxy.errors import check_cancelled, stopped
 from proxy.events.errors import LinkError
 from proxy.events.fencing import Command, fenced
 from proxy.events.message import Event, gap_event
@@ -246,7 +246,7 @@ class Fleet:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stopped(self._tasks)
         self._tasks = []
 
     async def begin_handover(self) -> bool:
@@ -517,6 +517,7 @@ class Fleet:
         beats = 0
         while not self._stopping:
             check_cancelled()
+            self._beat_now.clear()  # before reading the role: a change from now on beats again
             try:
                 now = int(time.time() * 1000)
                 record = (f"role={self.role.value} listen={self.listen} version={self.version} "
@@ -530,7 +531,6 @@ class Fleet:
                 pass
             except Exception:
                 log.exception("fleet: heartbeat failed")
-            self._beat_now.clear()
             try:
                 await asyncio.wait_for(self._beat_now.wait(), MEMBER_EVERY)
             except asyncio.TimeoutError:

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from itertools import islice
 
-from proxy.errors import check_cancelled
+from proxy.errors import check_cancelled, stopped
 from proxy.events.errors import LinkError
 from proxy.events.fallback import FallbackList
 from proxy.events.message import Event
@@ -459,7 +459,7 @@ class Pipeline:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stopped([self._task])
         if self.hold:
             self.spill.extend(self.hold)
             self.hold.clear()

@@ -299,6 +299,10 @@ class AmqpPublisher:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RECONNECT_MAX)
                     continue
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # asked to stop as the connect ended
+                    self._drop("connection attempt cancelled", abort=False)
+                    raise asyncio.CancelledError
             connected = False
             self.state = BrokerState.READY
             self.last_error_current = False
@@ -428,7 +432,7 @@ class AmqpPublisher:
         previous = self.state
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT)  # bounded, whatever it does
         self.state = BrokerState.CONNECTING
         try:
             await self._open(self.live.current)
@@ -457,7 +461,7 @@ class AmqpPublisher:
         self.state = BrokerState.STOPPED if final else BrokerState.DISABLED
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT)  # bounded, whatever it does
         if was_connected and not final:
             await self.settle(DISCONNECT_GRACE)
         link = self._link

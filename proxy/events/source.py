@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.config import RedisAddress
-from proxy.errors import check_cancelled
+from proxy.errors import check_cancelled, stopped
 from proxy.events.errors import LinkError
 from proxy.events.redis_link import RedisLink, open_link
 from proxy.events.stream import MARKER_CHANNEL, MARKER_DB
@@ -119,7 +119,7 @@ class KeyspaceSource:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await stopped([task])
         if self._link is not None:
             self._link.close()
         self.state = SourceState.STOPPED

@@ -52,7 +52,7 @@ import hiredis
 
 from protocol.slots import key_slot
 from proxy.config import Config, RedisAddress
-from proxy.errors import CommandError, ConfigError, check_cancelled
+from proxy.errors import CommandError, ConfigError, check_cancelled, stopped
 from proxy.events.errors import LinkError
 from proxy.events.redis_link import RedisLink, open_link
 from proxy.fleet.shared_fields import ENABLED, VERSION, decode, encode, encode_enabled, version_of
@@ -189,7 +189,7 @@ class SharedConfig:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stopped([self._task])
         self.state = WatchState.STOPPED
         for link in (self._sub, self._link):
             if link is not None:
