@@ -65,6 +65,9 @@ HANDOVER_WAIT = 2.0  # seconds a stopping forwarder waits for its handover marke
 MEMBER_EVERY = 1.0  # seconds between heartbeats
 MEMBER_ALIVE_MS = 5000  # a member whose heartbeat is older is not shown (nor handed over to)
 MEMBER_FORGET_MS = 60_000  # ... and one older than this is deleted
+#: A standby that cannot prove it holds everything since the done checkpoints (it started or
+#: resubscribed after them) leaves a free lease this long to a standby that can.
+UNREADY_GRACE = 1.0
 STANDBY_LIMIT = 100_000  # events a standby keeps per stream (the oldest are dropped past it)
 OP_TIMEOUT = 5.0
 
@@ -83,6 +86,8 @@ end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. t, 'PX', ARGV[2])
 return {t, redis.call('HGETALL', KEYS[3])}
 """
+# KEYS: lease, done. {PTTL of the lease (-2: free), number of done records}.
+_PEEK = b"return {redis.call('PTTL', KEYS[1]), redis.call('HLEN', KEYS[2])}"
 # KEYS: lease. ARGV: holder value, ttl ms. 1 renewed, 0 no lease, -1 someone else's.
 _RENEW = b"""
 local v = redis.call('GET', KEYS[1])
@@ -179,6 +184,7 @@ class Fleet:
         self.since_marker = 0
         self._last_marker = 0.0
         self._handover_seen = 0.0  # time.monotonic() a handover marker of another was seen
+        self._free_since: float | None = None  # an unready standby saw the lease free since then
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -339,7 +345,35 @@ class Fleet:
     async def _request(self, commands: Sequence[Command]) -> list[Any]:
         return await self.link.run(commands, OP_TIMEOUT)
 
+    def _ready(self) -> bool:
+        """True when every live stream's buffer starts at its done checkpoint, with no hole: this
+        standby can publish exactly what the last forwarder left (stream.py, ``takeover``)."""
+        for stream in self.streams.values():
+            entries = stream.buffer.entries
+            if not stream.live:
+                continue
+            if (stream.done is None or stream.buffer.hole is not None or not entries
+                    or not isinstance(entries[0], Marker) or entries[0].order != stream.done):
+                return False
+        return True
+
     async def _try_acquire(self) -> None:
+        if not self._ready():
+            (peek,) = await self._request([(b"EVAL", _PEEK, 2, self.keys.lease, self.keys.done)])
+            if isinstance(peek, hiredis.ReplyError):
+                raise LinkError(f"lease script refused: {peek}")
+            pttl, records = int(peek[0]), int(peek[1])
+            now = time.monotonic()
+            if pttl != -2:
+                self._free_since = None
+                self.lease_pttl = pttl
+                return
+            if records:  # a fleet ran here: let a standby that holds its checkpoint go first
+                if self._free_since is None:
+                    self._free_since = now
+                if now - self._free_since < UNREADY_GRACE:
+                    return
+        self._free_since = None
         sent = time.monotonic()
         (reply,) = await self._request([self._acquire_command()])
         if isinstance(reply, hiredis.ReplyError):
